@@ -1,0 +1,134 @@
+"""Typed run configuration: pydantic models, YAML files, dotted command-line overrides.
+
+Every run has exactly one config object; it is resolved once (file + ``--set`` overrides),
+validated (unknown keys are errors, so typos never silently fall back to defaults), and saved
+next to the run's outputs as ``config.yaml``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T", bound="Strict")
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are rejected, values re-validated on set."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RayConfig(Strict):
+    """Where Ray runs. ``address`` (or ``RAY_ADDRESS``) attaches to a cluster; otherwise an
+    embedded local Ray is started with the machine's CPUs (or ``num_cpus``)."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    num_gpus: int | None = Field(default=None, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    temp_dir: str | None = None
+    namespace: str = "selftaught"
+    include_dashboard: bool = False
+
+
+class SamplingConfig(Strict):
+    """Decoding parameters shared by every engine backend (one request's settings)."""
+
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=128, ge=1)
+    min_new_tokens: int = Field(default=0, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = Field(default=1, ge=1)
+
+
+class EngineConfig(Strict):
+    """Which generation backend serves a model and how it is placed on the cluster."""
+
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    model: str = "smollm2-135m-instruct"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch_size: int = Field(default=32, ge=1)
+    max_model_len: int | None = Field(default=None, ge=16)
+    compile: bool = False  # CUDA graphs / torch.compile of the decode step (GPU path)
+    num_actors: int = Field(default=1, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    vllm: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for vllm.LLM(...)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value) with the value parsed as YAML (typed)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def resolve(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build a validated config from an optional YAML file plus dotted overrides."""
+    data = load_yaml(path) if path else {}
+    return cls.model_validate(apply_overrides(data, overrides or []))
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save(cfg: BaseModel, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+    return path
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a config section (or any JSON-able value)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
