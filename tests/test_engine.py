@@ -1,0 +1,102 @@
+"""The transformers backend against transformers' own ``generate`` and the sampling contract."""
+import pytest
+import torch
+
+from actors.engine import create_engine
+from selftaught.config import EngineConfig, SamplingConfig
+
+PROMPTS = ["The history of", "Paris is the capital", "In mathematics, a prime number is",
+           "Water"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_lm_dir):
+    return create_engine(EngineConfig(backend="transformers", model=str(tiny_lm_dir), max_batch_size=3))
+
+
+def _reference_greedy(engine, prompt: str, n: int) -> list[int]:
+    ids = engine.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = engine.model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                                pad_token_id=engine.tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_matches_transformers_generate(engine):
+    outs = engine.generate(PROMPTS, SamplingConfig(temperature=0, max_new_tokens=12, ignore_eos=True))
+    assert [o.request_index for o in outs] == list(range(len(PROMPTS)))
+    for p, o in zip(PROMPTS, outs):
+        c = o.completions[0]
+        assert c.token_ids == _reference_greedy(engine, p, 12)
+        assert c.finish_reason == "length" and c.num_tokens == 12
+        assert o.prompt_token_ids == engine.tokenizer(p, add_special_tokens=False)["input_ids"]
+
+
+def test_static_cache_path_matches_dynamic(tiny_lm_dir, engine):
+    static = create_engine(EngineConfig(backend="transformers", model=str(tiny_lm_dir), compile=True,
+                                        max_batch_size=4), model=engine.model, tokenizer=engine.tokenizer)
+    assert static.use_static
+    params = SamplingConfig(temperature=0, max_new_tokens=8, ignore_eos=True)
+    a = [o.completions[0].token_ids for o in engine.generate(PROMPTS, params)]
+    b = [o.completions[0].token_ids for o in static.generate(PROMPTS, params)]
+    assert a == b
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    p = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=10, seed=7, ignore_eos=True)
+    one = engine.generate(PROMPTS[:1], p)[0].completions[0].token_ids
+    many = engine.generate(PROMPTS, p)[0].completions[0].token_ids
+    assert one == many
+    other = engine.generate(PROMPTS[:1], p.model_copy(update={"seed": 8}))[0].completions[0].token_ids
+    assert other != one
+
+
+def test_n_samples_and_mixed_params(engine):
+    params = [SamplingConfig(temperature=1.0, n=3, max_new_tokens=5, seed=1, ignore_eos=True),
+              SamplingConfig(temperature=0, max_new_tokens=2, ignore_eos=True)]
+    outs = engine.generate(PROMPTS[:2], params)
+    assert len(outs[0].completions) == 3 and len(outs[1].completions) == 1
+    assert all(c.num_tokens == 5 for c in outs[0].completions)
+    assert len({tuple(c.token_ids) for c in outs[0].completions}) > 1  # distinct samples
+    assert outs[1].completions[0].num_tokens == 2
+
+
+def test_stop_token_ids_and_min_new_tokens(engine):
+    greedy = engine.generate(PROMPTS[:1], SamplingConfig(temperature=0, max_new_tokens=10, ignore_eos=True))
+    toks = greedy[0].completions[0].token_ids
+    stop_at = toks[3]
+    first = toks.index(stop_at)
+    out = engine.generate(PROMPTS[:1], SamplingConfig(temperature=0, max_new_tokens=10,
+                                                      stop_token_ids=[stop_at], ignore_eos=True))
+    c = out[0].completions[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop_at and c.token_ids == toks[:first + 1]
+    # min_new_tokens bans the stop token until enough tokens exist
+    forced = engine.generate(PROMPTS[:1], SamplingConfig(temperature=0, max_new_tokens=10, min_new_tokens=8,
+                                                         stop_token_ids=[stop_at], ignore_eos=True))
+    assert forced[0].completions[0].num_tokens >= 8
+
+
+def test_stop_strings_truncate_text(engine):
+    full = engine.generate(PROMPTS[:1], SamplingConfig(temperature=0, max_new_tokens=12, ignore_eos=True))
+    text = full[0].completions[0].text
+    needle = text.strip()[2:5]
+    assert needle
+    out = engine.generate(PROMPTS[:1], SamplingConfig(temperature=0, max_new_tokens=12, stop=[needle],
+                                                      ignore_eos=True))
+    c = out[0].completions[0]
+    assert c.finish_reason == "stop" and c.stop_reason == needle
+    assert needle not in c.text and text.startswith(c.text)
+
+
+def test_token_id_prompts_and_too_long_prompt_error(engine):
+    ids = engine.tokenizer("Water", add_special_tokens=False)["input_ids"]
+    a = engine.generate([ids], SamplingConfig(temperature=0, max_new_tokens=4, ignore_eos=True))
+    b = engine.generate(["Water"], SamplingConfig(temperature=0, max_new_tokens=4, ignore_eos=True))
+    assert a[0].completions[0].token_ids == b[0].completions[0].token_ids
+    with pytest.raises(ValueError, match="exceed"):
+        engine.generate(["x"], SamplingConfig(max_new_tokens=10_000))
+
+
+def test_chat_template(engine):
+    out = engine.chat([[{"role": "user", "content": "hi"}]], SamplingConfig(temperature=0, max_new_tokens=3,
+                                                                          ignore_eos=True))
+    assert "<|im_start|>assistant" in out[0].prompt and out[0].completions[0].num_tokens == 3
