@@ -1,0 +1,40 @@
+"""Training configuration: one loop, its budget measured in tokens seen."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from selftaught.config import Strict
+
+
+class TrainConfig(Strict):
+    token_budget: int = Field(default=2_000_000, ge=1)  # tokens seen: the unit of every comparison
+    seq_len: int = Field(default=256, ge=8)
+    micro_batch_size: int = Field(default=16, ge=1)  # sequences per worker per step
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_frac: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(default=1.0, ge=0)
+    eval_every: int = Field(default=50, ge=1)  # optimizer steps
+    eval_tokens: int = Field(default=32_768, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    seed: int = 0
+    num_workers: int = Field(default=1, ge=1)  # Ray Train workers (DDP over gloo/NCCL)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.micro_batch_size * self.grad_accum * self.num_workers
+
+    def total_steps(self) -> int:
+        steps = self.token_budget // self.tokens_per_step()
+        if steps < 1:
+            raise ValueError(f"token_budget {self.token_budget} is smaller than one optimizer step "
+                             f"({self.tokens_per_step()} tokens); raise the budget or shrink the batch")
+        return steps
