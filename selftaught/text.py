@@ -49,6 +49,12 @@ def normalize_for_match(text: str) -> str:
     return " ".join(_PUNCT_DIGITS.sub(" ", text.lower()).split())
 
 
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation to spaces, digits kept: the form short answers are compared in
+    ("2,381,740 sq km" -> "2 381 740 sq km")."""
+    return " ".join(re.sub(r"[^\w]+", " ", fix_unicode(text).lower()).replace("_", " ").split())
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(normalize_for_match(text))
 
