@@ -12,7 +12,9 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "[setup] environment $VENV is up to date"; exit 0
 fi
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip "$@"; }
+# pip's "Location ... is ignored" notices (mirror config) are noise; real errors still show and
+# pipefail keeps pip's exit status.
+pip() { { "$VENV/bin/python" -m pip "$@"; } 2>&1 | { grep -v "is ignored" || true; }; }
 # torch first, from the CPU build on disk; every later call is held to it by constraints.txt.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -c constraints.txt -e ".[data,dev]"

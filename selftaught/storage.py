@@ -91,6 +91,13 @@ class Stage:
         rec = self.record()
         return rec is not None and rec.get("hash") == self.hash
 
+    def up_to_date(self) -> bool:
+        """``complete``, and says so in the log (so a re-run tells what it skipped)."""
+        if self.complete:
+            log.info("stage %s: up to date, skipped", self.name)
+            return True
+        return False
+
     @property
     def outputs(self) -> dict[str, Any]:
         rec = self.record() or {}

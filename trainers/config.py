@@ -28,6 +28,7 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    progress: bool = True  # a tqdm bar on rank 0
 
     def tokens_per_step(self) -> int:
         return self.seq_len * self.micro_batch_size * self.grad_accum * self.num_workers

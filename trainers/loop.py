@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from trainers.config import TrainConfig
 from trainers.data import PackedStream, eval_windows
@@ -111,6 +112,8 @@ def train_causal_lm(model, train_docs: Sequence[np.ndarray], eval_docs: Sequence
 
     if held_out is not None:
         emit({"step": 0, "tokens_seen": 0, "eval_loss": evaluate(core, held_out, device)})
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=rank != 0 or not cfg.progress,
+               mininterval=2.0)
     for step in range(1, total_steps + 1):
         loss_acc = 0.0
         for micro in range(cfg.grad_accum):
@@ -139,6 +142,9 @@ def train_causal_lm(model, train_docs: Sequence[np.ndarray], eval_docs: Sequence
                 rec["eval_loss"] = evaluate(core, held_out, device)
                 rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50))
             emit(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        bar.update(1)
+    bar.close()
     if metrics_f:
         metrics_f.close()
     final = [h for h in history if "eval_loss" in h]

@@ -54,6 +54,13 @@ def fit(cfg: TrainConfig, init_dir: str | Path, train_docs, eval_docs, out_dir: 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from selftaught.runtime import cluster_cpus
+
+    if not cfg.use_gpu:  # never ask for more CPUs than the cluster has: it would wait forever
+        per = min(cfg.cpus_per_worker, max(cluster_cpus() / cfg.num_workers, 0.5))
+        if per != cfg.cpus_per_worker:
+            log.info("cpus_per_worker %.2f -> %.2f to fit the cluster", cfg.cpus_per_worker, per)
+            cfg = cfg.model_copy(update={"cpus_per_worker": per})
     docs_ref = ray.put((list(train_docs), list(eval_docs)))
     trainer = TorchTrainer(
         _worker_loop,

@@ -56,8 +56,7 @@ def _wiki(cfg: DataConfig, run: RunDir) -> Stage:
     src = Path(cfg.wiki_path) if cfg.wiki_path else wiki_source_path()
     st = run.stage("wiki", {"limit": cfg.wiki_limit, "eval_fraction": cfg.eval_fraction},
                    inputs={"source": file_fingerprint(src)})
-    if st.complete:
-        log.info("wiki: up to date, skipped")
+    if st.up_to_date():
         return st
     st.begin(keep_partial=False)
     rows, stats = build_wiki(src, cfg.wiki_limit)
@@ -74,8 +73,7 @@ def _factbook(cfg: DataConfig, run: RunDir) -> Stage:
     src = Path(cfg.factbook_dir) if cfg.factbook_dir else factbook_source_dir()
     st = run.stage("factbook", {"limit": cfg.factbook_limit, "per_country": cfg.questions_per_country,
                                 "seed": cfg.seed}, inputs={"source": file_fingerprint(src)})
-    if st.complete:
-        log.info("factbook: up to date, skipped")
+    if st.up_to_date():
         return st
     st.begin(keep_partial=False)
     docs, countries, stats = build_factbook(src, cfg.factbook_limit)
@@ -90,8 +88,7 @@ def _reasoning(cfg: DataConfig, run: RunDir) -> Stage:
     from selftaught.data.reasoning import build_reasoning
 
     st = run.stage("reasoning", {"tasks": cfg.reasoning_tasks, "size": cfg.reasoning_size, "seed": cfg.seed})
-    if st.complete:
-        log.info("reasoning: up to date, skipped")
+    if st.up_to_date():
         return st
     st.begin(keep_partial=False)
     rows, stats = build_reasoning(cfg.reasoning_tasks, cfg.reasoning_size, cfg.seed)

@@ -1,0 +1,218 @@
+"""Quickstart: the smallest end-to-end job that exercises the whole foundation.
+
+bundled Wikipedia summaries -> byte-level BPE tokenizer -> Llama/QK-norm model of a named size
+-> pretraining under Ray Train (token budget) -> sampling with the generation engine on a Ray
+Data actor pool -> report (table + loss plot). Every step is a resumable stage of the run
+directory; a re-run skips finished stages, a changed setting reruns the stages it affects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from selftaught.config import EngineConfig, RayConfig, SamplingConfig, Strict, save
+from selftaught.data.prepare import DataConfig, prepare
+from selftaught.storage import RunDir, Stage, file_fingerprint, read_parquet, write_parquet
+from trainers.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(default=4096, ge=300)
+    max_docs: int | None = Field(default=None, ge=1)  # train the BPE on at most this many docs
+
+
+class ModelConfig(Strict):
+    size: str = "tiny"
+    seed: int = 0
+
+
+class SampleConfig(Strict):
+    num_prompts: int = Field(default=16, ge=1)
+    prompt_words: int = Field(default=6, ge=1)  # prompts are the opening words of held-out docs
+    sampling: SamplingConfig = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=48, seed=0)
+    engine: EngineConfig = EngineConfig(backend="transformers", max_batch_size=16)
+
+
+class QuickstartConfig(Strict):
+    pipeline: Literal["quickstart"] = "quickstart"
+    run_dir: str = "runs/quickstart"
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig(datasets=["wiki"])
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+CONFIG = QuickstartConfig
+
+
+def _texts(path: Path, limit: int | None = None) -> list[str]:
+    texts = read_parquet(path, columns=["text"])["text"].to_pylist()
+    return texts[:limit] if limit else texts
+
+
+def stage_tokenizer(run: RunDir, cfg: QuickstartConfig, train_path: Path) -> Stage:
+    from selftaught.models import train_bpe_tokenizer
+
+    st = run.stage("tokenizer", cfg.tokenizer, inputs={"train": file_fingerprint(train_path)})
+    if not st.up_to_date():
+        st.begin(keep_partial=False)
+        t0 = time.perf_counter()
+        tok = train_bpe_tokenizer(_texts(train_path, cfg.tokenizer.max_docs), cfg.tokenizer.vocab_size, st.path)
+        st.finish(vocab_size=len(tok), seconds=round(time.perf_counter() - t0, 1))
+    return st
+
+
+def stage_tokens(run: RunDir, tok_stage: Stage, paths: dict[str, Path]) -> Stage:
+    """Token ids per document, stored as Parquet ``list<int32>`` so training restarts fast."""
+    from selftaught.models import load_tokenizer
+    from trainers.data import tokenize_documents
+
+    st = run.stage("tokens", deps=[tok_stage], inputs={k: file_fingerprint(p) for k, p in paths.items()})
+    if not st.up_to_date():
+        st.begin(keep_partial=False)
+        tok = load_tokenizer(tok_stage.path)
+        counts = {}
+        for split, path in paths.items():
+            docs = tokenize_documents(tok, _texts(path))
+            write_parquet(pa.table({"ids": pa.array([d.tolist() for d in docs], pa.list_(pa.int32()))}),
+                          st.path / f"{split}.parquet")
+            counts[split] = {"docs": len(docs), "tokens": int(sum(len(d) for d in docs))}
+        st.finish(**counts)
+    return st
+
+
+def load_token_docs(path: Path):
+    import numpy as np
+
+    col = read_parquet(path, columns=["ids"])["ids"]
+    return [np.asarray(x, dtype=np.int32) for x in col.to_pylist()]
+
+
+def stage_init_model(run: RunDir, cfg: QuickstartConfig, tok_stage: Stage) -> Stage:
+    from selftaught.models import build_model, load_tokenizer
+
+    st = run.stage("init_model", cfg.model, deps=[tok_stage])
+    if not st.up_to_date():
+        st.begin(keep_partial=False)
+        tok = load_tokenizer(tok_stage.path)
+        model = build_model(cfg.model.size, tok, seed=cfg.model.seed,
+                            context=max(cfg.train.seq_len, 256) + cfg.sample.sampling.max_new_tokens)
+        model.save_pretrained(st.path)
+        tok.save_pretrained(st.path)
+        st.finish(params=sum(p.numel() for p in model.parameters()))
+    return st
+
+
+def stage_pretrain(run: RunDir, cfg: QuickstartConfig, init: Stage, tokens: Stage) -> Stage:
+    import shutil
+
+    from trainers.ray_train import fit
+
+    st = run.stage("pretrain", cfg.train, deps=[init, tokens])
+    if not st.up_to_date():
+        st.begin(keep_partial=False)
+        summary = fit(cfg.train, init.path, load_token_docs(tokens.path / "train.parquet"),
+                      load_token_docs(tokens.path / "eval.parquet"), st.path, run.root / "ray_train",
+                      name="quickstart-pretrain")
+        shutil.copy(init.path / "tokenizer.json", st.path / "model" / "tokenizer.json")
+        for f in ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            if (init.path / f).exists():
+                shutil.copy(init.path / f, st.path / "model" / f)
+        st.finish(**summary)
+    return st
+
+
+def stage_sample(run: RunDir, cfg: QuickstartConfig, model_stage: Stage, eval_path: Path) -> Stage:
+    import ray.data
+
+    from actors.generator import generate_dataset
+
+    st = run.stage("samples", cfg.sample, deps=[model_stage], inputs={"eval": file_fingerprint(eval_path)})
+    if not st.up_to_date():
+        st.begin(keep_partial=False)
+        table = read_parquet(eval_path, columns=["id", "text"]).slice(0, cfg.sample.num_prompts)
+        base = cfg.sample.sampling.seed
+        # One seed per prompt (base + row): reproducible, yet prompts do not share their noise.
+        rows = [{"id": i, "prompt": " ".join(t.split()[:cfg.sample.prompt_words]),
+                 "sampling": json.dumps({"seed": base + k} if base is not None else {})}
+                for k, (i, t) in enumerate(zip(table["id"].to_pylist(), table["text"].to_pylist()))]
+        engine = cfg.sample.engine.model_copy(update={"model": str(model_stage.path / "model")})
+        ds = generate_dataset(ray.data.from_items(rows), engine, cfg.sample.sampling,
+                              sampling_column="sampling")
+        out = sorted(ds.take_all(), key=lambda r: (r["id"], r["sample_index"]))
+        write_parquet([{k: r[k] for k in ("id", "prompt", "generated_text", "sample_index",
+                                          "completion_tokens", "finish_reason")} for r in out],
+                      st.path / "samples.parquet")
+        st.finish(rows=len(out), completion_tokens=int(sum(r["completion_tokens"] for r in out)))
+    return st
+
+
+def write_report(run: RunDir, cfg: QuickstartConfig, stages: dict[str, Stage]) -> Path:
+    """``report.md`` with the key numbers and a few samples, and ``loss.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [json.loads(x) for x in (stages["pretrain"].path / "metrics.jsonl").read_text().splitlines()]
+    train = [(m["tokens_seen"], m["loss"]) for m in metrics if m.get("loss") is not None]
+    held = [(m["tokens_seen"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"{cfg.model.size} model, {cfg.train.token_budget:,}-token budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run.root / "loss.png", dpi=120)
+    plt.close(fig)
+    summary = stages["pretrain"].outputs
+    samples = read_parquet(stages["samples"].path / "samples.parquet").to_pylist()
+    lines = ["# Quickstart report", "",
+             "| quantity | value |", "|---|---|",
+             f"| model size | {cfg.model.size} ({stages['init_model'].outputs.get('params', 0):,} parameters) |",
+             f"| tokenizer vocabulary | {stages['tokenizer'].outputs.get('vocab_size')} |",
+             f"| training tokens (budget) | {summary.get('tokens_seen'):,} |",
+             f"| optimizer steps | {summary.get('steps')} |",
+             f"| held-out loss before / after | {summary.get('initial_eval_loss'):.3f} / "
+             f"{summary.get('final_eval_loss'):.3f} |",
+             f"| samples generated | {len(samples)} |", "",
+             "![loss](loss.png)", "", "## Samples", ""]
+    for s in samples[:5]:
+        lines.append(f"- **{s['prompt']}** {s['generated_text'].strip()}")
+    path = run.root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(cfg: QuickstartConfig) -> dict:
+    from selftaught.runtime import init_ray
+
+    run_dir = RunDir(cfg.run_dir)
+    save(cfg, run_dir.root / "config.yaml")
+    data_dir = run_dir.root / "data"
+    prepare(cfg.data, data_dir)
+    paths = {"train": data_dir / "wiki" / "train.parquet", "eval": data_dir / "wiki" / "eval.parquet"}
+    init_ray(cfg.ray, run_dir.root)
+    stages: dict[str, Stage] = {}
+    stages["tokenizer"] = stage_tokenizer(run_dir, cfg, paths["train"])
+    stages["tokens"] = stage_tokens(run_dir, stages["tokenizer"], paths)
+    stages["init_model"] = stage_init_model(run_dir, cfg, stages["tokenizer"])
+    stages["pretrain"] = stage_pretrain(run_dir, cfg, stages["init_model"], stages["tokens"])
+    stages["samples"] = stage_sample(run_dir, cfg, stages["pretrain"], paths["eval"])
+    report = write_report(run_dir, cfg, stages)
+    log.info("report: %s", report)
+    return {"run_dir": str(run_dir.root), "report": str(report), **stages["pretrain"].outputs}
