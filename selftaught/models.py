@@ -164,6 +164,7 @@ def smollm2_path() -> Path:
     so the state dict is copied into a model built from the same config)."""
     target = cache_dir() / "models" / SMOLLM2
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        _drop_gguf_quantization(target / "config.json")
         return target
     from filelock import FileLock
 
@@ -186,6 +187,10 @@ def smollm2_path() -> Path:
         log.info("converting %s to a HF checkpoint in %s (once)", gguf.name, target)
         tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf.name)
         src = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised to fp32: the saved config must not claim GGUF quantisation
+        # (vLLM and others would try to load a quantised checkpoint).
+        if hasattr(src.config, "quantization_config"):
+            del src.config.quantization_config
         model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
         model.load_state_dict(src.state_dict())
         model.generation_config = src.generation_config
@@ -198,6 +203,18 @@ def smollm2_path() -> Path:
             shutil.rmtree(target)
         tmp.replace(target)
     return target
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    """Repair caches written by earlier versions, whose config still named the GGUF source."""
+    import json
+
+    cfg = json.loads(config_path.read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        tmp = config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2))
+        tmp.replace(config_path)
 
 
 PACKAGED_MODELS = {SMOLLM2: smollm2_path}
