@@ -34,7 +34,7 @@ class RayConfig(Strict):
     resources: dict[str, float] = Field(default_factory=dict)
     temp_dir: str | None = None
     namespace: str = "selftaught"
-    include_dashboard: bool = False
+    include_dashboard: bool = True  # the dashboard also serves the state API Ray Train relies on
 
 
 class SamplingConfig(Strict):
