@@ -1,60 +1,110 @@
-"""The training loop core (plain process) and the same loop under Ray Train with 2 workers."""
+"""The training loop core in one process: budgets, masks, resume equivalence, DeepSpeed vs DDP."""
 import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from selftaught.models import build_model, load_tokenizer
 from tests.conftest import wiki_texts
 from trainers.config import TrainConfig
-from trainers.data import PackedStream, eval_windows, tokenize_documents
-from trainers.loop import train_causal_lm
+from trainers.data import eval_windows, tokenize_documents
+from trainers.loop import masked_lm_loss, train_causal_lm
+from trainers.mixture import TokenSource
+
+BASE = dict(seq_len=64, micro_batch_size=4, grad_accum=2, lr=3e-3, eval_every=5, log_every=1,
+            eval_tokens=1024, progress=False)
 
 
 @pytest.fixture(scope="module")
-def docs(tiny_lm_dir):
-    tok = load_tokenizer(tiny_lm_dir)
+def tok(tiny_lm_dir):
+    return load_tokenizer(tiny_lm_dir)
+
+
+@pytest.fixture(scope="module")
+def docs(tok):
     return tokenize_documents(tok, wiki_texts(300) + ["", "   "])
 
 
-def test_tokenize_skips_empty_and_appends_eos(tiny_lm_dir, docs):
-    tok = load_tokenizer(tiny_lm_dir)
-    assert len(docs) == 300 and all(d[-1] == tok.eos_token_id for d in docs)
+def _losses(out_dir):
+    return [json.loads(x)["loss"] for x in (out_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)]
 
 
-def test_packed_stream_shards_and_epochs(docs):
-    a = PackedStream(docs, 32, seed=1, rank=0, world=2)
-    b = PackedStream(docs, 32, seed=1, rank=1, world=2)
-    xa, xb = a.next_batch(4), b.next_batch(4)
-    assert xa.shape == (4, 33) and not np.array_equal(xa.numpy(), xb.numpy())
-    small = PackedStream(docs[:3], 16)
-    while small.epoch < 2:  # epochs turn over on a fresh permutation
-        small.next_batch(2)
-    assert small.epoch == 2
+def test_tokenize_skips_empty_and_appends_eos(tok):
+    skipped = {}
+    docs = tokenize_documents(tok, wiki_texts(5) + ["", None], skipped=skipped)
+    assert len(docs) == 5 and all(d[-1] == tok.eos_token_id for d in docs) and skipped == {"empty": 2}
     with pytest.raises(ValueError):
         eval_windows(docs[:1], 10_000, 100)
 
 
-def test_budget_is_exact_and_loss_falls(tmp_path, tiny_lm_dir, docs):
-    tok = load_tokenizer(tiny_lm_dir)
-    cfg = TrainConfig(token_budget=8 * 64 * 30, seq_len=64, micro_batch_size=8, lr=3e-3,
-                      eval_every=10, log_every=5, eval_tokens=2048)
+def test_masked_loss_is_the_mean_over_unmasked_targets(tok):
+    model = build_model("nano", tok)
+    ids = torch.randint(0, len(tok), (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.uint8)
+    mask[0, 3:6] = 1
+    mask[1, 8] = 1
+    logits = model(input_ids=ids[:, :-1]).logits
+    per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(2, 8)
+    sel = mask[:, 1:].bool()
+    assert torch.allclose(masked_lm_loss(model, ids, mask), per_tok[sel].mean(), atol=1e-6)
+
+
+def test_budget_is_exact_and_loss_falls(tmp_path, tok, docs):
+    cfg = TrainConfig(token_budget=8 * 64 * 30, **{**BASE, "grad_accum": 1, "micro_batch_size": 8, "eval_every": 10})
     summary = train_causal_lm(build_model("nano", tok), docs[20:], docs[:20], cfg, out_dir=tmp_path)
-    assert summary["steps"] == 30 and summary["tokens_seen"] == cfg.token_budget
+    assert summary["steps"] == 30 and summary["tokens_seen"] == cfg.token_budget and summary["finished"]
+    assert summary["sources"]["train"]["tokens"] == cfg.token_budget
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 30 and rows[-1]["tokens_seen"] == cfg.token_budget
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "curves.png").exists()
     with pytest.raises(ValueError, match="smaller than one optimizer step"):
-        TrainConfig(token_budget=10, seq_len=64).total_steps()
+        train_causal_lm(build_model("nano", tok), docs, None, TrainConfig(token_budget=10, seq_len=64))
 
 
-def test_ray_train_two_workers(ray_cluster, tmp_path, tiny_lm_dir, docs):
-    from trainers.ray_train import fit
+def test_resume_follows_the_uninterrupted_trajectory(tmp_path, tok, docs):
+    sources = [TokenSource("real", docs[20:150]), TokenSource("synthetic", docs[150:], repeat=False, weight=0.5)]
+    cfg = TrainConfig(token_budget=8 * 64 * 12, checkpoint_every=4, **BASE)
+    full = train_causal_lm(build_model("nano", tok), sources, docs[:20], cfg, out_dir=tmp_path / "full")
+    # the interrupted run stops after step 6 (newest checkpoint: step 6), a new process resumes
+    part = train_causal_lm(build_model("nano", tok), sources, docs[:20], cfg.model_copy(update={"stop_after_steps": 6}),
+                           out_dir=tmp_path / "cut")
+    assert not part["finished"] and part["steps"] == 6
+    resumed = train_causal_lm(build_model("nano", tok, seed=99), sources, docs[:20], cfg, out_dir=tmp_path / "cut")
+    assert resumed["resumed_from_step"] == 6 and resumed["finished"]
+    assert np.allclose(_losses(tmp_path / "full"), _losses(tmp_path / "cut"), atol=1e-6)
+    assert resumed["sources"] == full["sources"]
+    assert len(list((tmp_path / "cut" / "checkpoints").glob("step-*"))) == cfg.keep_checkpoints
 
-    cfg = TrainConfig(token_budget=2 * 4 * 64 * 6, seq_len=64, micro_batch_size=4, num_workers=2,
-                      cpus_per_worker=1, eval_every=3, log_every=3, eval_tokens=1024)
-    summary = fit(cfg, tiny_lm_dir, docs[20:], docs[:20], tmp_path / "out", tmp_path / "ray")
-    assert summary["steps"] == 6 and summary["tokens_seen"] == cfg.token_budget
-    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
-    assert (tmp_path / "out" / "model" / "config.json").exists()
-    assert (tmp_path / "out" / "metrics.jsonl").exists()
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_agrees_with_ddp(tmp_path, tok, docs, stage):
+    cfg = TrainConfig(token_budget=8 * 64 * 6, **BASE)
+    ddp = train_causal_lm(build_model("nano", tok), docs[20:], docs[:20], cfg, out_dir=tmp_path / "ddp")
+    ds = train_causal_lm(build_model("nano", tok), docs[20:], docs[:20],
+                         cfg.model_copy(update={"engine": "deepspeed", "zero_stage": stage}), out_dir=tmp_path / "ds")
+    assert np.allclose(_losses(tmp_path / "ddp"), _losses(tmp_path / "ds"), atol=1e-4)
+    assert abs(ddp["final_eval_loss"] - ds["final_eval_loss"]) < 1e-4
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ds" / "model") is not None
+
+
+def test_never_repeat_only_budget_larger_than_data_is_refused(tok, docs):
+    with pytest.raises(ValueError, match="less than the"):
+        train_causal_lm(build_model("nano", tok), [TokenSource("s", docs[:3], repeat=False)], None,
+                        TrainConfig(token_budget=10**7, seq_len=64))
+
+
+def test_loop_runs_under_torchrun_without_ray():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc_per_node", "2", "benchmarks/torchrun_smoke.py"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 5

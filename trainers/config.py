@@ -29,6 +29,16 @@ class TrainConfig(Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True  # a tqdm bar on rank 0
+    # engines: plain DDP (the simple path) or DeepSpeed ZeRO
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = Field(default=1, ge=0, le=3)
+    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
+    # checkpoints: model, optimizer, scheduler, sampler position and RNG, every N steps and at the end
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    resume: bool = True  # continue from the newest complete checkpoint in out_dir
+    stop_after_steps: int | None = Field(default=None, ge=1)  # end early (after checkpointing): preemption drills
+    max_failures: int = Field(default=0, ge=-1)  # Ray Train restarts of a failed run (-1: unlimited)
 
     def tokens_per_step(self) -> int:
         return self.seq_len * self.micro_batch_size * self.grad_accum * self.num_workers

@@ -1,17 +1,22 @@
-"""Token streams for causal-LM training: documents joined with EOS and cut into fixed windows."""
+"""Tokenisation for the training loop: documents (EOS-joined streams), conditional pairs and chat
+examples with loss masks, and fixed held-out windows."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
-def tokenize_documents(tokenizer, texts: Iterable[str], batch_size: int = 256) -> list[np.ndarray]:
-    """Token ids per non-empty document (EOS appended), as int32 arrays."""
+def tokenize_documents(tokenizer, texts: Iterable[str], batch_size: int = 256,
+                       skipped: dict[str, int] | None = None) -> list[np.ndarray]:
+    """Token ids per non-empty document (EOS appended), as int32 arrays. Empty or non-string
+    documents are counted in ``skipped`` and left out."""
     eos = tokenizer.eos_token_id
     out: list[np.ndarray] = []
     batch: list[str] = []
+    skipped = skipped if skipped is not None else {}
 
     def flush():
         if batch:
@@ -20,47 +25,98 @@ def tokenize_documents(tokenizer, texts: Iterable[str], batch_size: int = 256) -
                     out.append(np.asarray(ids + [eos], dtype=np.int32))
             batch.clear()
 
-    for t in texts:
-        if t and t.strip():
+    for t in tqdm(texts, desc="tokenize", unit="doc", mininterval=2.0, disable=None):
+        if isinstance(t, str) and t.strip():
             batch.append(t)
             if len(batch) >= batch_size:
                 flush()
+        else:
+            skipped["empty"] = skipped.get("empty", 0) + 1
     flush()
     return out
 
 
-class PackedStream:
-    """An endless stream of ``seq_len + 1`` token windows over shuffled documents (epoch by
-    epoch, a fresh permutation each time), sharded across data-parallel ranks. The position
-    (epoch, offset) is plain data so a checkpoint can restore it."""
+def tokenize_pairs(tokenizer, pairs: Iterable[tuple[str, str]], seq_len: int, sep: str = "\n\n",
+                   ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+    """Conditional examples ``d1 + sep + d2 + EOS`` with loss only on d2 and EOS (synthesizer
+    tuning: maximise log p(d2 | d1)). A too-long pair keeps at most half the window for d1 (its
+    end, nearest to d2) and cuts d2's tail; a pair with no room left for d2, or with an empty
+    side, is skipped and counted."""
+    L = seq_len + 1
+    eos = tokenizer.eos_token_id
+    sep_ids = tokenizer(sep, add_special_tokens=False)["input_ids"] if sep else []
+    ids_out, masks_out, skipped = [], [], {}
 
-    def __init__(self, docs: Sequence[np.ndarray], seq_len: int, seed: int = 0, rank: int = 0,
-                 world: int = 1):
-        if not docs:
-            raise ValueError("no non-empty documents to train on")
-        self.docs, self.seq_len, self.seed, self.rank, self.world = docs, seq_len, seed, rank, world
-        self.epoch = 0
-        self._buf = np.zeros(0, dtype=np.int32)
-        self._order: list[int] = []
-        self._next = 0
-        self.tokens_total = int(sum(len(d) for d in docs))
+    def skip(why: str) -> None:
+        skipped[why] = skipped.get(why, 0) + 1
 
-    def _refill(self) -> None:
-        if self._next >= len(self._order):
-            rng = np.random.default_rng(self.seed + self.epoch)
-            self._order = rng.permutation(len(self.docs)).tolist()[self.rank::self.world]
-            self._next = 0
-            self.epoch += 1 if self._order else 0
-        take = self._order[self._next:self._next + 64]
-        self._next += len(take)
-        self._buf = np.concatenate([self._buf, *[self.docs[i] for i in take]])
+    for pair in pairs:
+        try:
+            d1, d2 = pair
+        except (TypeError, ValueError):
+            skip("malformed")
+            continue
+        if not (isinstance(d1, str) and isinstance(d2, str) and d1.strip() and d2.strip()):
+            skip("empty")
+            continue
+        a = tokenizer(d1, add_special_tokens=False)["input_ids"]
+        b = tokenizer(d2, add_special_tokens=False)["input_ids"] + [eos]
+        if len(a) + len(sep_ids) + len(b) > L:
+            a = a[-min(len(a), L // 2):]
+            room = L - len(a) - len(sep_ids)
+            if room < 2:  # not even one d2 token besides EOS
+                skip("d2_cut_off")
+                continue
+            b = b[:room]
+        ids = np.asarray(a + sep_ids + b, dtype=np.int32)
+        mask = np.zeros(len(ids), np.uint8)
+        mask[len(a) + len(sep_ids):] = 1
+        ids_out.append(ids)
+        masks_out.append(mask)
+    return ids_out, masks_out, skipped
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
-        need = batch_size * (self.seq_len + 1)
-        while len(self._buf) < need:
-            self._refill()
-        chunk, self._buf = self._buf[:need], self._buf[need:]
-        return torch.from_numpy(chunk.astype(np.int64)).view(batch_size, self.seq_len + 1)
+
+def tokenize_chat(tokenizer, conversations: Iterable[Sequence[dict]], seq_len: int,
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+    """SFT examples rendered with the tokenizer's chat template; loss only on the assistant
+    turns' tokens (their content and end-of-turn marker, not the role header). Conversations
+    longer than the window are skipped and counted (cutting a reasoning trace teaches the model
+    to stop mid-thought)."""
+    L = seq_len + 1
+    ids_out, masks_out, skipped = [], [], {}
+
+    def skip(why: str) -> None:
+        skipped[why] = skipped.get(why, 0) + 1
+
+    for conv in conversations:
+        msgs = list(conv) if isinstance(conv, (list, tuple)) else None
+        if not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+                               for m in msgs):
+            skip("malformed")
+            continue
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            skip("no_assistant_turn")
+            continue
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True))
+            end = len(tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False))
+            spans.append((start, end))
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        if len(ids) > L:
+            skip("too_long")
+            continue
+        mask = np.zeros(len(ids), np.uint8)
+        for t, (s, e) in enumerate(enc["offset_mapping"]):
+            if any(a <= s < b for a, b in spans) and e > s:
+                mask[t] = 1
+        ids_out.append(np.asarray(ids, dtype=np.int32))
+        masks_out.append(mask)
+    return ids_out, masks_out, skipped
 
 
 def eval_windows(docs: Sequence[np.ndarray], seq_len: int, max_tokens: int) -> torch.Tensor:

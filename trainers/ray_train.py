@@ -1,15 +1,19 @@
 """Ray Train entry point: the same loop on N workers with ``TorchTrainer``.
 
-The driver ships the tokenised documents through the object store, each worker builds the
-model from a saved initial checkpoint and trains its data shard, and rank 0 hands the final
-Hugging Face checkpoint back as a Ray Train ``Checkpoint`` (so it survives on cluster storage).
+The driver ships the token sources through the object store; each worker builds the model from
+a saved initial checkpoint and trains its shard of every source. Checkpoints go to ``out_dir``
+(shared storage on a multi-node cluster); when a worker dies, Ray Train restarts the group
+(``max_failures``) and the loop resumes from the newest complete checkpoint. Rank 0 reports the
+final Hugging Face model as a Ray Train ``Checkpoint`` too, so it also lands in Ray's storage.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from trainers.config import TrainConfig
 
@@ -17,8 +21,6 @@ log = logging.getLogger(__name__)
 
 
 def _worker_loop(config: dict) -> None:
-    import json
-
     import ray
     import ray.train
     import torch
@@ -28,32 +30,30 @@ def _worker_loop(config: dict) -> None:
 
     cfg = TrainConfig(**config["train"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    train_docs, eval_docs = ray.get(config["docs_ref"])
+    train, eval_docs = ray.get(config["data_ref"])
     model = AutoModelForCausalLM.from_pretrained(config["init_dir"], dtype=torch.float32)
     rank = ray.train.get_context().get_world_rank()
-    # Progress goes to metrics.jsonl (rank 0); ``ray.train.report`` is a collective in Ray Train
-    # 2.x, so every worker calls it exactly once, at the end, and only rank 0 attaches a model.
-    summary = train_causal_lm(model, train_docs, eval_docs, cfg,
-                              out_dir=config["out_dir"] if rank == 0 else None)
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            (Path(tmp) / "summary.json").write_text(json.dumps(summary))
-            ray.train.report({"done": 1, **{k: v for k, v in summary.items() if v is not None}},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    out_dir = Path(config["out_dir"])
+    summary = train_causal_lm(model, train, eval_docs, cfg, out_dir=out_dir)
+    # ``ray.train.report`` is a collective: every worker calls it once; rank 0 attaches the model.
+    if rank == 0 and summary["finished"]:
+        (out_dir / "model" / "summary.json").write_text(json.dumps(summary))
+        ray.train.report({"done": 1, "steps": summary["steps"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(out_dir / "model")))
     else:
-        ray.train.report({"done": 1})
+        ray.train.report({"done": 1, "steps": summary["steps"]})
+    if rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary))
 
 
-def fit(cfg: TrainConfig, init_dir: str | Path, train_docs, eval_docs, out_dir: str | Path,
+def fit(cfg: TrainConfig, init_dir: str | Path, train: Sequence, eval_docs, out_dir: str | Path,
         storage_dir: str | Path, name: str = "train") -> dict:
-    """Train with Ray Train; the final model is written to ``out_dir`` (HF format)."""
-    import json
-
+    """Train with Ray Train; returns the loop's summary. The final model is ``out_dir/model``."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from selftaught.models import cache_dir
     from selftaught.runtime import cluster_cpus
 
     if not cfg.use_gpu:  # never ask for more CPUs than the cluster has: it would wait forever
@@ -61,24 +61,27 @@ def fit(cfg: TrainConfig, init_dir: str | Path, train_docs, eval_docs, out_dir: 
         if per != cfg.cpus_per_worker:
             log.info("cpus_per_worker %.2f -> %.2f to fit the cluster", cfg.cpus_per_worker, per)
             cfg = cfg.model_copy(update={"cpus_per_worker": per})
-    docs_ref = ray.put((list(train_docs), list(eval_docs)))
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_ref = ray.put((list(train), list(eval_docs) if eval_docs is not None else None))
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))}
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"train": cfg.model_dump(), "docs_ref": docs_ref,
-                           "init_dir": str(init_dir), "out_dir": str(out_dir)},
+        train_loop_config={"train": cfg.model_dump(), "data_ref": data_ref, "init_dir": str(init_dir),
+                           "out_dir": str(out_dir)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_dir).resolve())),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_dir).resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             worker_runtime_env={"env_vars": env}),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    out_dir = Path(out_dir)
-    model_dir = out_dir / "model"
-    with result.checkpoint.as_directory() as ckpt:
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(ckpt, model_dir)
-    summary = json.loads((model_dir / "summary.json").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text())
+    if summary["finished"] and not (out_dir / "model" / "config.json").exists() and result.checkpoint:
+        with result.checkpoint.as_directory() as ckpt:  # the model was written on another node
+            shutil.copytree(ckpt, out_dir / "model", dirs_exist_ok=True)
     return summary
+
