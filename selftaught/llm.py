@@ -1,6 +1,9 @@
-"""LLM client for remote models on litellm: API providers, any OpenAI-compatible server
-(vLLM, our own Serve endpoints), with retries, timeouts, bounded concurrency, and token and
-cost accounting per call.
+"""LLM client for remote models, built on litellm.
+
+One client covers hosted API providers, any OpenAI-compatible server (a vLLM server, our own
+Ray Serve endpoints) and offline dry runs (``mock_response``). Every call goes through the same
+retry loop, concurrency bound and accounting, so a pipeline can swap a provider for a local
+endpoint without changing how it budgets tokens and dollars.
 
     client = LLMClient(LLMConfig(model="openai/selftaught", api_base="http://127.0.0.1:8000/v1"))
     result = client.complete("What is 2+2?")
@@ -13,48 +16,115 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import weakref
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
-from selftaught.config import Strict
+from selftaught.config import SamplingConfig, Strict
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the cost map
+# Without this every `import litellm` tries to download the model price map first.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, Any]]
+Prompt = str | Messages
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class LLMConfig(Strict):
-    model: str = "openai/gpt-4o-mini"  # a litellm model string
-    api_base: str | None = None
-    api_key_env: str | None = None  # name of the environment variable holding the key
-    timeout_s: float = Field(default=60.0, gt=0)
-    max_retries: int = Field(default=4, ge=0)
+    """How to reach one remote model and how hard to push it.
+
+    The key itself never lives in a config (configs are saved next to run outputs): only the
+    name of the environment variable that holds it.
+    """
+
+    model: str = "openai/gpt-4o-mini"  # litellm model string, "<provider>/<name>"
+    api_base: str | None = None  # e.g. http://127.0.0.1:8000/v1 for an OpenAI-compatible server
+    api_key_env: str | None = None  # NAME of the env var holding the key, e.g. "OPENAI_API_KEY"
+    timeout_s: float = Field(default=60.0, gt=0)  # per attempt
+    max_retries: int = Field(default=4, ge=0)  # extra attempts after the first, transient errors only
     backoff_initial_s: float = Field(default=1.0, ge=0)
     backoff_max_s: float = Field(default=30.0, ge=0)
-    max_concurrency: int = Field(default=8, ge=1)
+    backoff_jitter: float = Field(default=0.5, ge=0, le=1)  # fraction of each delay drawn at random
+    max_concurrency: int = Field(default=8, ge=1)  # calls in flight per client (threads; per event loop)
     temperature: float = Field(default=0.7, ge=0)
     max_tokens: int = Field(default=512, ge=1)
-    input_price_per_mtok: float | None = Field(default=None, ge=0)  # USD, for models litellm does not know
-    output_price_per_mtok: float | None = Field(default=None, ge=0)
-    mock_response: str | None = None  # offline dry runs and tests
-    call_log: str | None = None  # JSONL file, one line per call
-    extra: dict[str, Any] = Field(default_factory=dict)  # passed to litellm.completion
+    input_price_per_mtok: float | None = Field(default=None, ge=0)  # USD per 1M prompt tokens
+    output_price_per_mtok: float | None = Field(default=None, ge=0)  # USD per 1M completion tokens
+    mock_response: str | None = None  # answer with this text, no network: dry runs and tests
+    call_log: str | None = None  # JSONL file, one line per call (success or final failure)
+    extra: dict[str, Any] = Field(default_factory=dict)  # more kwargs for litellm.completion
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name_not_key(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError("api_key_env takes the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+                             "not the key itself")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "LLMConfig":
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        return self
+
+    @property
+    def has_price_override(self) -> bool:
+        return self.input_price_per_mtok is not None or self.output_price_per_mtok is not None
+
+
+def sampling_kwargs(s: SamplingConfig) -> dict[str, Any]:
+    """Map the engine-side ``SamplingConfig`` onto chat-completion parameters, so one sampling
+    section drives both local engines and remote models.
+
+    Standard OpenAI fields go as parameters; vLLM-only ones (top_k, min_tokens,
+    stop_token_ids, ignore_eos) go in ``extra_body``, which OpenAI-compatible servers (vLLM,
+    our Serve apps) read and hosted providers may reject, so they are only sent when set.
+    """
+    if s.n != 1:
+        raise ValueError("LLMResult holds one choice: issue n separate calls instead of n>1")
+    kw: dict[str, Any] = {"temperature": s.temperature, "max_tokens": s.max_new_tokens}
+    if s.top_p != 1.0:
+        kw["top_p"] = s.top_p
+    if s.stop:
+        kw["stop"] = list(s.stop)
+    if s.seed is not None:
+        kw["seed"] = s.seed
+    body: dict[str, Any] = {}
+    if s.top_k:
+        body["top_k"] = s.top_k
+    if s.min_new_tokens:
+        body["min_tokens"] = s.min_new_tokens
+    if s.stop_token_ids:
+        body["stop_token_ids"] = list(s.stop_token_ids)
+    if s.ignore_eos:
+        body["ignore_eos"] = True
+    if body:
+        kw["extra_body"] = body
+    return kw
 
 
 class LLMError(RuntimeError):
-    """A call that failed for good (non-retryable, or retries exhausted)."""
+    """A call that failed for good: not retryable, retries exhausted, or misconfigured.
 
-    def __init__(self, message: str, attempts: int, cause: BaseException | None = None):
+    ``reason`` is the underlying error as text, ``cause`` the exception itself, ``retryable``
+    whether the last error was of a transient kind (so callers can tell 'try later' from 'fix it').
+    """
+
+    def __init__(self, message: str, attempts: int, cause: BaseException | None = None,
+                 retryable: bool = False, reason: str = ""):
         super().__init__(message)
-        self.attempts, self.cause = attempts, cause
+        self.attempts, self.cause, self.retryable, self.reason = attempts, cause, retryable, reason
 
 
 @dataclass
@@ -64,188 +134,337 @@ class LLMResult:
     prompt_tokens: int
     completion_tokens: int
     cost_usd: float
-    cost_known: bool
-    latency_s: float
+    cost_known: bool  # False: neither litellm's price map nor the config priced this model
+    latency_s: float  # first attempt to answer, backoff included, queueing excluded
     model: str
     attempts: int
 
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
-@dataclass
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Usage:
-    """Thread-safe totals over a client's calls."""
+    """Running totals over one client's calls; safe to update from many threads."""
 
-    calls: int = 0
-    errors: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    uncosted_calls: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    FIELDS = ("calls", "errors", "retries", "prompt_tokens", "completion_tokens", "cost_usd",
+              "uncosted_calls", "latency_s")
 
-    def add(self, r: LLMResult | None, attempts: int, error: bool = False) -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls = self.errors = self.retries = 0
+        self.prompt_tokens = self.completion_tokens = self.uncosted_calls = 0
+        self.cost_usd = self.latency_s = 0.0
+
+    def add(self, result: LLMResult | None, attempts: int, latency_s: float) -> None:
+        """Count one finished call; ``result=None`` means it failed."""
         with self._lock:
             self.calls += 1
             self.retries += max(attempts - 1, 0)
-            if error or r is None:
+            self.latency_s += latency_s
+            if result is None:
                 self.errors += 1
                 return
-            self.prompt_tokens += r.prompt_tokens
-            self.completion_tokens += r.completion_tokens
-            self.cost_usd += r.cost_usd
-            self.uncosted_calls += 0 if r.cost_known else 1
+            self.prompt_tokens += result.prompt_tokens
+            self.completion_tokens += result.completion_tokens
+            self.cost_usd += result.cost_usd
+            self.uncosted_calls += 0 if result.cost_known else 1
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {f: getattr(self, f) for f in ("calls", "errors", "retries", "prompt_tokens",
-                                                  "completion_tokens", "cost_usd", "uncosted_calls")}
+            out = {f: getattr(self, f) for f in self.FIELDS}
+        out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+        return out
+
+    def __repr__(self) -> str:
+        return f"Usage({self.snapshot()})"
 
 
-def _retryable(e: BaseException) -> bool:
+def _litellm() -> Any:
+    """Import litellm lazily (it is slow to import) and keep it from printing a help banner on
+    every exception: this client reports errors itself."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def is_retryable(e: BaseException) -> bool:
+    """Transient errors worth another attempt: rate limits, timeouts, connection drops, 5xx."""
     from litellm import exceptions as E
 
+    if isinstance(e, (E.AuthenticationError, E.BadRequestError, E.NotFoundError, E.PermissionDeniedError,
+                      E.UnprocessableEntityError)):  # ContextWindowExceeded is a BadRequest
+        return False
     if isinstance(e, (E.RateLimitError, E.Timeout, E.APIConnectionError, E.ServiceUnavailableError,
                       E.InternalServerError, E.BadGatewayError)):
         return True
-    if isinstance(e, (E.AuthenticationError, E.BadRequestError, E.NotFoundError, E.PermissionDeniedError,
-                      E.ContextWindowExceededError, E.UnprocessableEntityError)):
-        return False
     status = getattr(e, "status_code", None)
-    return isinstance(status, int) and (status == 429 or status >= 500)
+    if isinstance(status, int):
+        return status in (408, 409, 429) or status >= 500
+    return isinstance(e, (TimeoutError, ConnectionError))
+
+
+def _retry_after(e: BaseException) -> float | None:
+    """Seconds from a Retry-After header (litellm keeps the response headers on its errors)."""
+    for attr in ("litellm_response_headers", "headers"):
+        headers = getattr(e, attr, None)
+        if headers is None:
+            continue
+        try:
+            value = headers.get("retry-after")
+            return max(float(value), 0.0) if value is not None else None
+        except (TypeError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def _merge(kw: dict[str, Any], updates: dict[str, Any]) -> None:
+    """Later settings win, except that ``extra_body`` dicts from config, sampling and call are
+    combined rather than replaced."""
+    for k, v in updates.items():
+        if k == "extra_body" and isinstance(kw.get(k), dict) and isinstance(v, dict):
+            v = {**kw[k], **v}
+        kw[k] = v
 
 
 class LLMClient:
+    """Sync and async chat completions with retries, a concurrency bound and a usage ledger.
+
+    One client per model endpoint; share it across threads so the bound and the ledger cover
+    all of its traffic.
+    """
+
     def __init__(self, cfg: LLMConfig | None = None, **overrides: Any):
-        self.cfg = (cfg or LLMConfig()).model_copy(update=overrides) if overrides else (cfg or LLMConfig())
+        cfg = cfg or LLMConfig()
+        # model_validate (not model_copy) so overrides are checked like any config value
+        self.cfg = LLMConfig.model_validate({**cfg.model_dump(), **overrides}) if overrides else cfg
         self.usage = Usage()
-        self._log_lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(self.cfg.max_concurrency)
+        self._log_lock = threading.Lock()
+        self._async_lock = threading.Lock()
+        self._async_sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+            weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ request building
-    def _kwargs(self, prompt: str | Messages, overrides: dict[str, Any]) -> dict[str, Any]:
+    def _kwargs(self, prompt: Prompt, sampling: SamplingConfig | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        kw: dict[str, Any] = {"model": self.cfg.model, "messages": messages, "timeout": self.cfg.timeout_s,
-                              "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens,
-                              "num_retries": 0, **self.cfg.extra}
-        if self.cfg.api_base:
-            kw["api_base"] = self.cfg.api_base
-        if self.cfg.api_key_env:
-            key = os.environ.get(self.cfg.api_key_env)
-            if not key:
-                raise LLMError(f"environment variable {self.cfg.api_key_env} (api_key_env) is not set", 0)
-            kw["api_key"] = key
-        elif self.cfg.api_base:
-            kw["api_key"] = "none"  # local OpenAI-compatible servers ignore it; the SDK wants one
-        if self.cfg.mock_response is not None:
-            kw["mock_response"] = self.cfg.mock_response
-        kw.update(overrides)
+        kw: dict[str, Any] = {"model": cfg.model, "messages": messages, "timeout": cfg.timeout_s,
+                              "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+        _merge(kw, cfg.extra)
+        if sampling is not None:
+            _merge(kw, sampling_kwargs(sampling))
+        if cfg.api_base:
+            kw["api_base"] = cfg.api_base
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key and cfg.mock_response is None:
+                raise LLMError(f"{cfg.model}: environment variable {cfg.api_key_env} (api_key_env) is not set",
+                               0, reason="missing api key")
+            if key:
+                kw["api_key"] = key
+        elif cfg.api_base:
+            # A local server ignores the key but the OpenAI SDK insists on one; and a custom
+            # api_base must never receive a provider key picked up from the environment.
+            kw["api_key"] = "none"
+        if cfg.mock_response is not None:
+            kw["mock_response"] = cfg.mock_response
+        _merge(kw, overrides)
+        kw["num_retries"] = 0  # the retry loop is ours: litellm and the OpenAI SDK must not add theirs
+        kw["max_retries"] = 0
         return kw
 
-    def _backoff(self, attempt: int) -> float:
+    # ------------------------------------------------------------------ results and accounting
+    def _backoff(self, attempt: int, e: BaseException) -> float:
+        """Exponential backoff with jitter (so parallel callers do not retry in lockstep);
+        a server's Retry-After wins, both capped at ``backoff_max_s``."""
+        hinted = _retry_after(e)
+        if hinted is not None:
+            return min(hinted, self.cfg.backoff_max_s)
         base = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** (attempt - 1))
-        return base * (0.5 + random.random() / 2)  # jitter: spread synchronized retries
+        return base * (1.0 - self.cfg.backoff_jitter * random.random())
 
-    def _result(self, resp: Any, kw: dict, latency: float, attempts: int) -> LLMResult:
-        import litellm
+    def _cost(self, model: str, pt: int, ct: int, usage: Any) -> tuple[float, bool]:
+        cfg = self.cfg
+        if cfg.has_price_override:  # explicit prices win: they are what this deployment costs
+            return (pt * (cfg.input_price_per_mtok or 0.0) + ct * (cfg.output_price_per_mtok or 0.0)) / 1e6, True
+        try:
+            # Priced by the model we asked for, never the name a server echoes back (which is what
+            # litellm.completion_cost uses): a local server answering "gpt-4o-mini" must not be
+            # billed at OpenAI's prices. The usage object, when reported, carries cached tokens.
+            p, c = _litellm().cost_per_token(model=model, prompt_tokens=pt, completion_tokens=ct,
+                                             usage_object=usage)
+            return float(p) + float(c), True
+        except Exception:  # noqa: BLE001 - litellm raises various errors for models it cannot price
+            return 0.0, False
 
+    def _result(self, resp: Any, kw: dict[str, Any], latency: float, attempts: int) -> LLMResult:
+        litellm = _litellm()
         choice = resp.choices[0]
         text = choice.message.content or ""
         usage = getattr(resp, "usage", None)
-        pt = getattr(usage, "prompt_tokens", None)
-        ct = getattr(usage, "completion_tokens", None)
-        if pt is None:
-            pt = litellm.token_counter(model=self.cfg.model, messages=kw["messages"])
-        if ct is None:
-            ct = litellm.token_counter(model=self.cfg.model, text=text)
-        cost, known = 0.0, False
-        if self.cfg.input_price_per_mtok is not None or self.cfg.output_price_per_mtok is not None:
-            cost = (pt * (self.cfg.input_price_per_mtok or 0) + ct * (self.cfg.output_price_per_mtok or 0)) / 1e6
-            known = True
-        else:
-            try:
-                cost, known = float(litellm.completion_cost(completion_response=resp)), True
-            except Exception:  # model not in litellm's price map (local servers): cost unknown
-                pass
-        return LLMResult(text=text, finish_reason=choice.finish_reason, prompt_tokens=int(pt),
-                         completion_tokens=int(ct), cost_usd=cost, cost_known=known, latency_s=latency,
-                         model=getattr(resp, "model", None) or self.cfg.model, attempts=attempts)
+        # litellm fills a missing `usage` with zeros; a real prompt is never 0 tokens, so treat
+        # 0 as "not reported" and count locally.
+        pt = int(getattr(usage, "prompt_tokens", 0) or 0)
+        ct = int(getattr(usage, "completion_tokens", 0) or 0)
+        if pt == 0:
+            usage = None  # not reported: the counts below are ours, price those
+            pt = int(litellm.token_counter(model=kw["model"], messages=kw["messages"]))
+        if ct == 0 and text:
+            usage = None
+            ct = int(litellm.token_counter(model=kw["model"], text=text, count_response_tokens=True))
+        cost, known = self._cost(kw["model"], pt, ct, usage)
+        return LLMResult(text=text, finish_reason=getattr(choice, "finish_reason", None), prompt_tokens=pt,
+                         completion_tokens=ct, cost_usd=cost, cost_known=known, latency_s=latency,
+                         model=kw["model"], attempts=attempts)
 
-    def _record(self, r: LLMResult | None, attempts: int, latency: float, error: str | None = None) -> None:
-        self.usage.add(r, attempts, error is not None)
+    def _record(self, result: LLMResult | None, attempts: int, latency: float, error: str | None = None) -> None:
+        self.usage.add(result, attempts, latency)
         if not self.cfg.call_log:
             return
-        line = {"time": time.time(), "model": self.cfg.model, "attempts": attempts, "latency_s": latency,
-                "error": error}
-        if r is not None:
-            line.update(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                        cost_usd=r.cost_usd, finish_reason=r.finish_reason)
+        line: dict[str, Any] = {"time": round(time.time(), 3), "model": self.cfg.model, "attempts": attempts,
+                                "latency_s": round(latency, 4), "prompt_tokens": 0, "completion_tokens": 0,
+                                "cost_usd": 0.0, "cost_known": False, "finish_reason": None, "error": error}
+        if result is not None:
+            line.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                        cost_usd=result.cost_usd, cost_known=result.cost_known,
+                        finish_reason=result.finish_reason)
         with self._log_lock:
-            Path(self.cfg.call_log).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.cfg.call_log, "a") as f:
+            path = Path(self.cfg.call_log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
 
-    # ------------------------------------------------------------------ sync API
-    def complete(self, prompt: str | Messages, **overrides: Any) -> LLMResult:
-        """One call with retries on transient failures (429, 5xx, timeouts, connection errors)."""
-        import litellm
+    def _failure(self, e: BaseException, attempt: int, t0: float) -> float:
+        """Decide after a failed attempt: return the delay before the next one, or record the
+        call as failed and raise ``LLMError``."""
+        retryable = is_retryable(e)
+        reason = f"{type(e).__name__}: {e}"
+        if retryable and attempt <= self.cfg.max_retries:
+            delay = self._backoff(attempt, e)
+            log.warning("%s: %s; retry %d/%d in %.2fs", self.cfg.model, type(e).__name__, attempt,
+                        self.cfg.max_retries, delay)
+            return delay
+        self._record(None, attempt, time.perf_counter() - t0, reason)
+        why = f"gave up after {attempt} attempts" if retryable else "not retryable"
+        raise LLMError(f"{self.cfg.model}: {why}: {reason}", attempt, e, retryable, reason) from e
 
-        kw = self._kwargs(prompt, overrides)
-        t0 = time.perf_counter()
+    def _config_error(self, e: LLMError) -> LLMError:
+        self._record(None, 0, 0.0, e.reason)
+        return e
+
+    # ------------------------------------------------------------------ sync API
+    def complete(self, prompt: Prompt, *, sampling: SamplingConfig | None = None, **overrides: Any) -> LLMResult:
+        """One chat completion. ``prompt`` is a user message or a full message list; keyword
+        overrides go to litellm as they are (temperature=0, max_tokens=..., stop=...).
+
+        Transient failures are retried; a call keeps its concurrency slot while it backs off,
+        so a rate-limited client slows down instead of piling on more requests.
+        """
+        try:
+            kw = self._kwargs(prompt, sampling, overrides)
+        except LLMError as e:
+            raise self._config_error(e) from None
+        litellm = _litellm()
         with self._sem:
-            for attempt in range(1, self.cfg.max_retries + 2):
+            t0 = time.perf_counter()
+            attempt = 0
+            while True:
+                attempt += 1
                 try:
                     resp = litellm.completion(**kw)
-                    r = self._result(resp, kw, time.perf_counter() - t0, attempt)
-                    self._record(r, attempt, r.latency_s)
-                    return r
-                except Exception as e:  # noqa: BLE001 - classified below
-                    if not _retryable(e) or attempt > self.cfg.max_retries:
-                        self._record(None, attempt, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
-                        why = "not retryable" if not _retryable(e) else f"gave up after {attempt} attempts"
-                        raise LLMError(f"{self.cfg.model}: {type(e).__name__} ({why}): {e}", attempt, e) from e
-                    delay = self._backoff(attempt)
-                    log.warning("%s: %s, retry %d in %.1fs", self.cfg.model, type(e).__name__, attempt, delay)
-                    time.sleep(delay)
-        raise AssertionError("unreachable")
+                    result = self._result(resp, kw, time.perf_counter() - t0, attempt)
+                except Exception as e:  # noqa: BLE001 - classified in _failure
+                    time.sleep(self._failure(e, attempt, t0))
+                    continue
+                self._record(result, attempt, result.latency_s)
+                return result
 
-    def complete_many(self, prompts: Sequence[str | Messages], return_exceptions: bool = False,
-                      **overrides: Any) -> list[LLMResult | LLMError]:
-        """Calls in parallel (at most ``max_concurrency`` in flight), results in input order."""
-        def one(p):
+    def complete_many(self, prompts: Sequence[Prompt], *, return_exceptions: bool = False,
+                      sampling: SamplingConfig | None = None, **overrides: Any) -> list[LLMResult | LLMError]:
+        """Many calls at once, at most ``max_concurrency`` in flight, results in input order.
+
+        With ``return_exceptions=True`` a failed item yields its ``LLMError`` in place; otherwise
+        the first failure cancels the calls not yet started and is raised.
+        """
+        if not prompts:
+            return []
+
+        def one(p: Prompt) -> LLMResult | LLMError:
             try:
-                return self.complete(p, **overrides)
+                return self.complete(p, sampling=sampling, **overrides)
             except LLMError as e:
                 if return_exceptions:
                     return e
                 raise
 
-        with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
-            return list(pool.map(one, prompts))
+        pool = ThreadPoolExecutor(max_workers=min(self.cfg.max_concurrency, len(prompts)),
+                                  thread_name_prefix="llm")
+        try:
+            futures = [pool.submit(one, p) for p in prompts]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f in done and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ async API
-    async def acomplete(self, prompt: str | Messages, _sem: asyncio.Semaphore | None = None,
-                        **overrides: Any) -> LLMResult:
-        import litellm
+    def _async_sem(self) -> asyncio.Semaphore:
+        """The bound for the running event loop (asyncio semaphores belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        with self._async_lock:
+            sem = self._async_sems.get(loop)
+            if sem is None:
+                sem = self._async_sems[loop] = asyncio.Semaphore(self.cfg.max_concurrency)
+            return sem
 
-        kw = self._kwargs(prompt, overrides)
-        sem = _sem or asyncio.Semaphore(self.cfg.max_concurrency)
-        t0 = time.perf_counter()
-        async with sem:
-            for attempt in range(1, self.cfg.max_retries + 2):
+    async def acomplete(self, prompt: Prompt, *, sampling: SamplingConfig | None = None,
+                        **overrides: Any) -> LLMResult:
+        """``complete`` on ``litellm.acompletion``: same retries and accounting, bounded per
+        event loop by ``max_concurrency``."""
+        try:
+            kw = self._kwargs(prompt, sampling, overrides)
+        except LLMError as e:
+            raise self._config_error(e) from None
+        litellm = _litellm()
+        async with self._async_sem():
+            t0 = time.perf_counter()
+            attempt = 0
+            while True:
+                attempt += 1
                 try:
                     resp = await litellm.acompletion(**kw)
-                    r = self._result(resp, kw, time.perf_counter() - t0, attempt)
-                    self._record(r, attempt, r.latency_s)
-                    return r
-                except Exception as e:  # noqa: BLE001
-                    if not _retryable(e) or attempt > self.cfg.max_retries:
-                        self._record(None, attempt, time.perf_counter() - t0, f"{type(e).__name__}: {e}")
-                        raise LLMError(f"{self.cfg.model}: {type(e).__name__}: {e}", attempt, e) from e
-                    await asyncio.sleep(self._backoff(attempt))
-        raise AssertionError("unreachable")
+                    result = self._result(resp, kw, time.perf_counter() - t0, attempt)
+                except Exception as e:  # noqa: BLE001 - classified in _failure
+                    await asyncio.sleep(self._failure(e, attempt, t0))
+                    continue
+                self._record(result, attempt, result.latency_s)
+                return result
 
-    async def acomplete_many(self, prompts: Sequence[str | Messages], return_exceptions: bool = False,
-                             **overrides: Any) -> list[LLMResult | LLMError]:
-        sem = asyncio.Semaphore(self.cfg.max_concurrency)
-        return await asyncio.gather(*(self.acomplete(p, _sem=sem, **overrides) for p in prompts),
-                                    return_exceptions=return_exceptions)
+    async def acomplete_many(self, prompts: Sequence[Prompt], *, return_exceptions: bool = False,
+                             sampling: SamplingConfig | None = None, **overrides: Any) -> list[LLMResult | LLMError]:
+        """Async ``complete_many``: ordered results; the first failure cancels the rest unless
+        ``return_exceptions=True``."""
+
+        async def one(p: Prompt) -> LLMResult | LLMError:
+            try:
+                return await self.acomplete(p, sampling=sampling, **overrides)
+            except LLMError as e:
+                if return_exceptions:
+                    return e
+                raise
+
+        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()  # no-op for finished tasks; stops the rest after a failure
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise

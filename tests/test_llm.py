@@ -1,79 +1,179 @@
-"""The litellm client: accounting, retries, concurrency bounds, and a real HTTP round trip."""
+"""The litellm client: accounting, retries, concurrency bounds, and real HTTP round trips
+against a small OpenAI-compatible server run in-process (litellm's own transport, no fakes)."""
+from __future__ import annotations
+
 import asyncio
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import litellm
+import pydantic
 import pytest
 
-from selftaught.llm import LLMClient, LLMConfig, LLMError
+from selftaught.config import SamplingConfig
+from selftaught.llm import LLMClient, LLMConfig, LLMError, is_retryable, sampling_kwargs
+
+FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
 
 
-def test_mock_response_and_accounting(tmp_path):
-    log = tmp_path / "calls.jsonl"
+# ---------------------------------------------------------------- offline (mock_response)
+def test_mock_response_accounting_and_call_log(tmp_path):
+    log = tmp_path / "logs" / "calls.jsonl"
     client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="Paris.", call_log=str(log)))
     r = client.complete("What is the capital of France?")
-    assert r.text == "Paris." and r.attempts == 1 and r.prompt_tokens > 0 and r.completion_tokens > 0
+    assert r.text == "Paris." and r.attempts == 1 and r.finish_reason == "stop"
+    assert r.prompt_tokens > 0 and r.completion_tokens > 0 and r.total_tokens == r.prompt_tokens + r.completion_tokens
     assert r.cost_known and r.cost_usd > 0  # gpt-4o-mini is in litellm's bundled price map
-    client.complete([{"role": "user", "content": "again"}])
+    r2 = client.complete([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "again"}])
     snap = client.usage.snapshot()
-    assert snap["calls"] == 2 and snap["errors"] == 0
-    assert snap["cost_usd"] == pytest.approx(2 * r.cost_usd, rel=0.5)
+    assert snap["calls"] == 2 and snap["errors"] == 0 and snap["retries"] == 0 and snap["uncosted_calls"] == 0
+    assert snap["prompt_tokens"] == r.prompt_tokens + r2.prompt_tokens
+    assert snap["total_tokens"] == r.total_tokens + r2.total_tokens
+    assert snap["cost_usd"] == pytest.approx(r.cost_usd + r2.cost_usd)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
-    assert len(lines) == 2 and lines[0]["prompt_tokens"] == r.prompt_tokens
+    assert len(lines) == 2
+    assert {"model", "prompt_tokens", "completion_tokens", "cost_usd", "latency_s", "attempts", "error"} <= set(lines[0])
+    assert lines[0]["prompt_tokens"] == r.prompt_tokens and lines[0]["error"] is None
+    assert lines[1]["cost_usd"] == pytest.approx(r2.cost_usd) and lines[1]["attempts"] == 1
 
 
-def test_price_override_for_unknown_models():
-    client = LLMClient(LLMConfig(model="openai/my-local-model", mock_response="ok", input_price_per_mtok=1.0,
+def test_price_override_and_unknown_models():
+    priced = LLMClient(LLMConfig(model="openai/my-local-model", mock_response="ok", input_price_per_mtok=1.0,
                                  output_price_per_mtok=2.0))
-    r = client.complete("hi")
+    r = priced.complete("hi")
     assert r.cost_known and r.cost_usd == pytest.approx((r.prompt_tokens + 2 * r.completion_tokens) / 1e6)
+    unknown = LLMClient(LLMConfig(model="openai/my-local-model", mock_response="ok"))
+    r = unknown.complete("hi")
+    assert not r.cost_known and r.cost_usd == 0.0 and r.prompt_tokens > 0
+    assert unknown.usage.snapshot()["uncosted_calls"] == 1
 
 
-def _flaky(monkeypatch, failures, exc):
-    real = litellm.completion
+def test_config_validation():
+    with pytest.raises(pydantic.ValidationError, match="NAME of an environment variable"):
+        LLMConfig(api_key_env="sk-proj-abc123")
+    with pytest.raises(pydantic.ValidationError):
+        LLMConfig(modle="gpt-4o-mini")  # typos are errors
+    with pytest.raises(pydantic.ValidationError):
+        LLMConfig(backoff_initial_s=5, backoff_max_s=1)
+    with pytest.raises(pydantic.ValidationError):
+        LLMClient(LLMConfig(), max_concurrency=0)  # constructor overrides are validated too
+    assert LLMClient(LLMConfig(), max_concurrency=3).cfg.max_concurrency == 3
+
+
+def test_sampling_config_mapping():
+    s = SamplingConfig(temperature=0.2, top_p=0.9, top_k=20, max_new_tokens=64, stop=["\n\n"], seed=3,
+                       min_new_tokens=4)
+    kw = sampling_kwargs(s)
+    assert kw == {"temperature": 0.2, "max_tokens": 64, "top_p": 0.9, "stop": ["\n\n"], "seed": 3,
+                  "extra_body": {"top_k": 20, "min_tokens": 4}}
+    assert "extra_body" not in sampling_kwargs(SamplingConfig()) and "top_p" not in sampling_kwargs(SamplingConfig())
+    with pytest.raises(ValueError, match="n separate calls"):
+        sampling_kwargs(SamplingConfig(n=2))
+
+
+# ---------------------------------------------------------------- retries
+def _flaky(monkeypatch, failures: int, exc: BaseException, name: str = "completion") -> dict:
+    """Make the first `failures` calls of litellm.<name> raise `exc`, then answer for real."""
+    real = getattr(litellm, name)
     calls = {"n": 0}
-
-    def fake(**kw):
-        calls["n"] += 1
-        if calls["n"] <= failures:
-            raise exc
-        return real(**kw)
-
-    monkeypatch.setattr(litellm, "completion", fake)
+    if name == "completion":
+        def fake(**kw):
+            calls["n"] += 1
+            if calls["n"] <= failures:
+                raise exc
+            return real(**kw)
+    else:
+        async def fake(**kw):
+            calls["n"] += 1
+            if calls["n"] <= failures:
+                raise exc
+            return await real(**kw)
+    monkeypatch.setattr(litellm, name, fake)
     return calls
+
+
+def _record_backoff(client: LLMClient) -> list[float]:
+    delays: list[float] = []
+    real = client._backoff
+
+    def rec(attempt, e):
+        delays.append(real(attempt, e))
+        return delays[-1]
+
+    client._backoff = rec  # type: ignore[method-assign]
+    return delays
 
 
 def test_retries_transient_errors_with_backoff(monkeypatch):
     err = litellm.exceptions.RateLimitError("slow down", llm_provider="openai", model="gpt-4o-mini")
     calls = _flaky(monkeypatch, 2, err)
-    client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", backoff_initial_s=0.01, max_retries=3))
+    client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", max_retries=3, backoff_jitter=0.5,
+                                 backoff_initial_s=0.02, backoff_max_s=1.0))
+    delays = _record_backoff(client)
     t0 = time.perf_counter()
     r = client.complete("hi")
-    assert r.attempts == 3 and calls["n"] == 3 and time.perf_counter() - t0 >= 0.01
-    assert client.usage.snapshot()["retries"] == 2
+    assert r.text == "ok" and r.attempts == 3 and calls["n"] == 3
+    assert 0.01 <= delays[0] <= 0.02 and 0.02 <= delays[1] <= 0.04  # doubling, jitter takes up to half off
+    assert time.perf_counter() - t0 >= sum(delays) and r.latency_s >= sum(delays)
+    assert client.usage.snapshot()["retries"] == 2 and client.usage.snapshot()["errors"] == 0
 
 
-def test_gives_up_and_does_not_retry_client_errors(monkeypatch):
-    err = litellm.exceptions.Timeout("timed out", model="gpt-4o-mini", llm_provider="openai")
-    _flaky(monkeypatch, 10, err)
-    client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", backoff_initial_s=0.0, max_retries=2))
+def test_backoff_schedule_is_capped():
+    client = LLMClient(LLMConfig(backoff_initial_s=0.5, backoff_max_s=3.0, backoff_jitter=0.0))
+    e = RuntimeError("x")
+    assert [client._backoff(a, e) for a in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert is_retryable(litellm.exceptions.Timeout("t", model="m", llm_provider="openai"))
+    assert not is_retryable(litellm.exceptions.AuthenticationError("no", llm_provider="openai", model="m"))
+    assert not is_retryable(ValueError("a bug, not a transient failure"))
+
+
+def test_gives_up_after_last_attempt_and_never_retries_client_errors(monkeypatch, tmp_path):
+    log = tmp_path / "calls.jsonl"
+    timeout = litellm.exceptions.Timeout("timed out", model="gpt-4o-mini", llm_provider="openai")
+    calls = _flaky(monkeypatch, 10, timeout)
+    client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", max_retries=2, call_log=str(log), **FAST))
     with pytest.raises(LLMError, match="gave up after 3 attempts") as info:
         client.complete("hi")
-    assert info.value.attempts == 3
-    bad = litellm.exceptions.BadRequestError("bad", model="gpt-4o-mini", llm_provider="openai")
-    calls = _flaky(monkeypatch, 10, bad)
-    with pytest.raises(LLMError, match="not retryable"):
-        client.complete("hi")
-    assert calls["n"] == 1
-    out = client.complete_many(["a", "b"], return_exceptions=True)
-    assert all(isinstance(o, LLMError) for o in out)
-    assert client.usage.snapshot()["errors"] == 4
+    assert info.value.attempts == 3 and info.value.retryable and calls["n"] == 3
+    assert isinstance(info.value.cause, litellm.exceptions.Timeout) and "Timeout" in info.value.reason
+
+    for bad in (litellm.exceptions.BadRequestError("bad", model="gpt-4o-mini", llm_provider="openai"),
+                litellm.exceptions.AuthenticationError("no key", llm_provider="openai", model="gpt-4o-mini")):
+        calls = _flaky(monkeypatch, 10, bad)
+        t0 = time.perf_counter()
+        with pytest.raises(LLMError, match="not retryable") as info:
+            client.complete("hi")
+        assert calls["n"] == 1 and info.value.attempts == 1 and not info.value.retryable
+        assert time.perf_counter() - t0 < 0.5
+    snap = client.usage.snapshot()
+    assert snap["calls"] == 3 and snap["errors"] == 3 and snap["retries"] == 2
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["attempts"] for x in lines] == [3, 1, 1] and all(x["error"] for x in lines)
+    assert "Timeout" in lines[0]["error"] and "BadRequestError" in lines[1]["error"]
 
 
-def test_concurrency_is_bounded_and_order_kept(monkeypatch):
+def test_complete_many_returns_or_raises_item_errors(monkeypatch):
+    real = litellm.completion
+
+    def picky(**kw):
+        if "bad" in kw["messages"][-1]["content"]:
+            raise litellm.exceptions.BadRequestError("refused", model=kw["model"], llm_provider="openai")
+        return real(**kw)
+
+    monkeypatch.setattr(litellm, "completion", picky)
+    client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", max_concurrency=2))
+    out = client.complete_many(["a", "bad 1", "b", "bad 2"], return_exceptions=True)
+    assert [type(o).__name__ for o in out] == ["LLMResult", "LLMError", "LLMResult", "LLMError"]
+    with pytest.raises(LLMError, match="refused"):
+        client.complete_many(["a", "bad"])
+    assert client.complete_many([]) == []
+
+
+# ---------------------------------------------------------------- concurrency
+def test_concurrency_is_bounded_across_threads_and_order_kept(monkeypatch):
     real = litellm.completion
     state = {"now": 0, "peak": 0}
     lock = threading.Lock()
@@ -82,10 +182,10 @@ def test_concurrency_is_bounded_and_order_kept(monkeypatch):
         with lock:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])
-        time.sleep(0.05)
+        time.sleep(0.03)
         with lock:
             state["now"] -= 1
-        return real(**{**kw, "mock_response": kw["messages"][0]["content"].upper()})
+        return real(**{**kw, "mock_response": kw["messages"][-1]["content"].upper()})
 
     monkeypatch.setattr(litellm, "completion", slow)
     client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="x", max_concurrency=3))
@@ -94,51 +194,181 @@ def test_concurrency_is_bounded_and_order_kept(monkeypatch):
     assert [o.text for o in out] == [p.upper() for p in prompts]
     assert state["peak"] == 3
 
+    # two batches from two threads share the client's bound
+    state["peak"] = 0
+    results: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.complete_many(prompts)))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state["peak"] == 3 and all([o.text for o in results[i]] == [p.upper() for p in prompts] for i in (0, 1))
+    assert client.usage.snapshot()["calls"] == 36
 
-def test_async_many():
-    client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", max_concurrency=2))
-    out = asyncio.run(client.acomplete_many(["a", "b", "c"]))
-    assert [o.text for o in out] == ["ok"] * 3 and client.usage.snapshot()["calls"] == 3
+
+def test_async_bounded_ordered_and_retried(monkeypatch):
+    real = litellm.acompletion
+    state = {"now": 0, "peak": 0}
+
+    async def slow(**kw):
+        state["now"] += 1
+        state["peak"] = max(state["peak"], state["now"])
+        await asyncio.sleep(0.02)
+        state["now"] -= 1
+        return await real(**{**kw, "mock_response": kw["messages"][-1]["content"][::-1]})
+
+    monkeypatch.setattr(litellm, "acompletion", slow)
+    client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="x", max_concurrency=2))
+    prompts = [f"ab{i}" for i in range(8)]
+    out = asyncio.run(client.acomplete_many(prompts))
+    assert [o.text for o in out] == [p[::-1] for p in prompts] and state["peak"] == 2
+    out = asyncio.run(client.acomplete_many(prompts[:3]))  # a fresh event loop gets its own bound
+    assert len(out) == 3 and client.usage.snapshot()["calls"] == 11
+
+    monkeypatch.setattr(litellm, "acompletion", real)
+    err = litellm.exceptions.ServiceUnavailableError("busy", llm_provider="openai", model="gpt-4o-mini")
+    calls = _flaky(monkeypatch, 1, err, name="acompletion")
+    flaky = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", **FAST))
+    r = asyncio.run(flaky.acomplete("hi"))
+    assert r.text == "ok" and r.attempts == 2 and calls["n"] == 2
+
+    bad = litellm.exceptions.BadRequestError("bad", model="gpt-4o-mini", llm_provider="openai")
+    _flaky(monkeypatch, 1, bad, name="acompletion")
+    out = asyncio.run(flaky.acomplete_many(["x", "y"], return_exceptions=True))
+    assert isinstance(out[0], LLMError) and out[1].text == "ok"
 
 
-class _OpenAIHandler(BaseHTTPRequestHandler):
-    """A minimal OpenAI-compatible chat endpoint: answers with the reversed user message."""
+# ---------------------------------------------------------------- real HTTP (litellm's transport)
+class _Handler(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible /v1/chat/completions: answers with the reversed last message.
+    `server.script` holds actions consumed one per request before the normal answer:
+    ("status", code, headers) or ("sleep", seconds)."""
+
+    server: Any
+
+    def _send(self, code: int, payload: dict, headers: dict | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        srv = self.server
+        with srv.lock:
+            srv.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            action = srv.script.pop(0) if srv.script else None
         if not self.path.endswith("/chat/completions"):
-            self.send_response(404)
-            self.end_headers()
-            return
+            return self._send(404, {"error": {"message": "no such route"}})
+        if action and action[0] == "status":
+            return self._send(action[1], {"error": {"message": f"scripted {action[1]}", "type": "x"}}, action[2])
+        if action and action[0] == "sleep":
+            time.sleep(action[1])
         text = body["messages"][-1]["content"][::-1]
-        payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                   "choices": [{"index": 0, "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": text}}],
-                   "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        payload = {"id": "c1", "object": "chat.completion", "created": 0, "model": srv.echo_model or body["model"],
+                   "choices": [{"index": 0, "finish_reason": "length" if body.get("max_tokens") == 1 else "stop",
+                                "message": {"role": "assistant", "content": text}}]}
+        if not srv.omit_usage:
+            payload["usage"] = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        self._send(200, payload)
 
     def log_message(self, *args):
         pass
 
 
-def test_real_http_round_trip_to_openai_compatible_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _OpenAIHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_address[1]
-        client = LLMClient(LLMConfig(model="openai/local-test", api_base=f"http://127.0.0.1:{port}/v1",
-                                     max_retries=0, timeout_s=10))
-        r = client.complete("abc")
-        assert r.text == "cba" and (r.prompt_tokens, r.completion_tokens) == (7, 3)
-        assert not r.cost_known and r.cost_usd == 0.0
-        missing = LLMClient(LLMConfig(model="openai/x", api_base=f"http://127.0.0.1:{port}/v1",
-                                      api_key_env="SELFTAUGHT_NO_SUCH_KEY"))
-        with pytest.raises(LLMError, match="SELFTAUGHT_NO_SUCH_KEY"):
-            missing.complete("hi")
-    finally:
-        server.shutdown()
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.handle_error = lambda request, address: None  # clients that timed out hang up mid-answer
+    srv.lock, srv.requests, srv.script, srv.echo_model, srv.omit_usage = threading.Lock(), [], [], None, False
+    srv.base = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_http_round_trip_usage_and_cost(server, monkeypatch):
+    client = LLMClient(LLMConfig(model="openai/local-test", api_base=server.base, max_retries=0, timeout_s=10))
+    r = client.complete("abc", temperature=0.0)
+    assert r.text == "cba" and (r.prompt_tokens, r.completion_tokens) == (7, 3) and r.model == "openai/local-test"
+    assert not r.cost_known and r.cost_usd == 0.0
+    sent = server.requests[-1]
+    assert sent["path"] == "/v1/chat/completions" and sent["body"]["model"] == "local-test"
+    assert sent["body"]["temperature"] == 0.0 and sent["body"]["max_tokens"] == 512
+    assert sent["auth"] == "Bearer none"  # never a provider key picked up from the environment
+
+    # a server naming a known model is still priced as the model asked for (unknown here)
+    server.echo_model = "gpt-4o-mini"
+    assert not client.complete("x").cost_known
+
+    # usage missing from the response: counted locally
+    server.omit_usage = True
+    r = client.complete("hello world, how are you")
+    assert r.prompt_tokens > 3 and r.completion_tokens > 0
+
+    # the key comes from the named environment variable
+    monkeypatch.setenv("SELFTAUGHT_TEST_KEY", "secret-123")
+    keyed = LLMClient(LLMConfig(model="openai/local-test", api_base=server.base, api_key_env="SELFTAUGHT_TEST_KEY"))
+    keyed.complete("k")
+    assert server.requests[-1]["auth"] == "Bearer secret-123"
+    missing = LLMClient(LLMConfig(model="openai/x", api_base=server.base, api_key_env="SELFTAUGHT_NO_SUCH_KEY"))
+    with pytest.raises(LLMError, match="SELFTAUGHT_NO_SUCH_KEY"):
+        missing.complete("hi")
+    assert missing.usage.snapshot()["errors"] == 1
+
+
+def test_http_sampling_config_reaches_server(server):
+    client = LLMClient(LLMConfig(model="openai/local-test", api_base=server.base,
+                                 extra={"extra_body": {"repetition_penalty": 1.1}}))
+    s = SamplingConfig(temperature=0.3, top_k=5, max_new_tokens=1, stop=["END"], seed=11)
+    r = client.complete("abc", sampling=s, extra_body={"min_p": 0.05})
+    body = server.requests[-1]["body"]
+    assert body["max_tokens"] == 1 and body["top_k"] == 5 and body["stop"] == ["END"] and body["seed"] == 11
+    assert body["repetition_penalty"] == 1.1 and body["min_p"] == 0.05  # extra_body merged, not replaced
+    assert body["temperature"] == 0.3 and r.finish_reason == "length"
+
+
+def test_http_retries_5xx_429_and_timeouts_but_not_auth(server):
+    client = LLMClient(LLMConfig(model="openai/local-test", api_base=server.base, max_retries=3, timeout_s=5, **FAST))
+    server.script = [("status", 500, {}), ("status", 503, {})]
+    r = client.complete("abc")
+    assert r.text == "cba" and r.attempts == 3 and len(server.requests) == 3  # no hidden SDK retries
+
+    # a server's Retry-After wins over the exponential schedule, still capped at backoff_max_s
+    hinted = LLMClient(LLMConfig(model="openai/local-test", api_base=server.base, backoff_initial_s=0.01,
+                                 backoff_max_s=0.3))
+    delays = _record_backoff(hinted)
+    server.script = [("status", 429, {"Retry-After": "0.2"}), ("status", 429, {"Retry-After": "60"})]
+    t0 = time.perf_counter()
+    assert hinted.complete("abc").attempts == 3 and time.perf_counter() - t0 >= 0.5
+    assert delays == [0.2, 0.3]
+
+    server.requests.clear()
+    server.script = [("status", 401, {})]
+    with pytest.raises(LLMError, match="not retryable") as info:
+        client.complete("abc")
+    assert len(server.requests) == 1 and isinstance(info.value.cause, litellm.exceptions.AuthenticationError)
+
+    slow = LLMClient(LLMConfig(model="openai/local-test", api_base=server.base, max_retries=1, timeout_s=0.3, **FAST))
+    server.script = [("sleep", 1.0)]
+    r = slow.complete("abc")
+    assert r.attempts == 2 and r.text == "cba"
+    server.script = [("sleep", 1.0), ("sleep", 1.0)]
+    with pytest.raises(LLMError, match="gave up after 2 attempts") as info:
+        slow.complete("abc")
+    assert info.value.retryable and slow.usage.snapshot()["retries"] == 2
+
+
+def test_http_async_round_trip(server):
+    client = LLMClient(LLMConfig(model="openai/local-test", api_base=server.base, max_concurrency=2, **FAST))
+    server.script = [("status", 502, {})]
+    out = asyncio.run(client.acomplete_many(["abc", "xyz", "123"]))
+    assert [o.text for o in out] == ["cba", "zyx", "321"] and sum(o.attempts for o in out) == 4
+    assert client.usage.snapshot()["prompt_tokens"] == 21
