@@ -8,6 +8,7 @@ from typing import Any, Callable
 #: pipeline name -> module path (imported lazily: pipelines pull in heavy dependencies)
 PIPELINES: dict[str, str] = {
     "quickstart": "pipelines.quickstart",
+    "sbp": "pipelines.sbp",
 }
 
 

@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Literal
 
-import pyarrow as pa
 from pydantic import Field
 
 from selftaught.config import EngineConfig, RayConfig, SamplingConfig, Strict, save
 from selftaught.data.prepare import DataConfig, prepare
 from selftaught.storage import RunDir, Stage, file_fingerprint, read_parquet, write_parquet
+from pipelines.stages import (ModelConfig, TokenizerConfig, init_model_stage, load_token_docs,
+                              tokenizer_stage, tokens_stage, train_stage)
 from trainers.config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-class TokenizerConfig(Strict):
-    vocab_size: int = Field(default=4096, ge=300)
-    max_docs: int | None = Field(default=None, ge=1)  # train the BPE on at most this many docs
-
-
-class ModelConfig(Strict):
-    size: str = "tiny"
-    seed: int = 0
 
 
 class SampleConfig(Strict):
@@ -55,81 +45,10 @@ class QuickstartConfig(Strict):
 CONFIG = QuickstartConfig
 
 
-def _texts(path: Path, limit: int | None = None) -> list[str]:
-    texts = read_parquet(path, columns=["text"])["text"].to_pylist()
-    return texts[:limit] if limit else texts
-
-
-def stage_tokenizer(run: RunDir, cfg: QuickstartConfig, train_path: Path) -> Stage:
-    from selftaught.models import train_bpe_tokenizer
-
-    st = run.stage("tokenizer", cfg.tokenizer, inputs={"train": file_fingerprint(train_path)})
-    if not st.up_to_date():
-        st.begin(keep_partial=False)
-        t0 = time.perf_counter()
-        tok = train_bpe_tokenizer(_texts(train_path, cfg.tokenizer.max_docs), cfg.tokenizer.vocab_size, st.path)
-        st.finish(vocab_size=len(tok), seconds=round(time.perf_counter() - t0, 1))
-    return st
-
-
-def stage_tokens(run: RunDir, tok_stage: Stage, paths: dict[str, Path]) -> Stage:
-    """Token ids per document, stored as Parquet ``list<int32>`` so training restarts fast."""
-    from selftaught.models import load_tokenizer
-    from trainers.data import tokenize_documents
-
-    st = run.stage("tokens", deps=[tok_stage], inputs={k: file_fingerprint(p) for k, p in paths.items()})
-    if not st.up_to_date():
-        st.begin(keep_partial=False)
-        tok = load_tokenizer(tok_stage.path)
-        counts = {}
-        for split, path in paths.items():
-            docs = tokenize_documents(tok, _texts(path))
-            write_parquet(pa.table({"ids": pa.array([d.tolist() for d in docs], pa.list_(pa.int32()))}),
-                          st.path / f"{split}.parquet")
-            counts[split] = {"docs": len(docs), "tokens": int(sum(len(d) for d in docs))}
-        st.finish(**counts)
-    return st
-
-
-def load_token_docs(path: Path):
-    import numpy as np
-
-    col = read_parquet(path, columns=["ids"])["ids"]
-    return [np.asarray(x, dtype=np.int32) for x in col.to_pylist()]
-
-
-def stage_init_model(run: RunDir, cfg: QuickstartConfig, tok_stage: Stage) -> Stage:
-    from selftaught.models import build_model, load_tokenizer
-
-    st = run.stage("init_model", cfg.model, deps=[tok_stage])
-    if not st.up_to_date():
-        st.begin(keep_partial=False)
-        tok = load_tokenizer(tok_stage.path)
-        model = build_model(cfg.model.size, tok, seed=cfg.model.seed,
-                            context=max(cfg.train.seq_len, 256) + cfg.sample.sampling.max_new_tokens)
-        model.save_pretrained(st.path)
-        tok.save_pretrained(st.path)
-        st.finish(params=sum(p.numel() for p in model.parameters()))
-    return st
-
-
 def stage_pretrain(run: RunDir, cfg: QuickstartConfig, init: Stage, tokens: Stage) -> Stage:
-    import shutil
-
-    from trainers.ray_train import fit
-
-    st = run.stage("pretrain", cfg.train, deps=[init, tokens])
-    if not st.up_to_date():
-        st.begin(keep_partial=False)
-        summary = fit(cfg.train, init.path, load_token_docs(tokens.path / "train.parquet"),
-                      load_token_docs(tokens.path / "eval.parquet"), st.path, run.root / "ray_train",
-                      name="quickstart-pretrain")
-        shutil.copy(init.path / "tokenizer.json", st.path / "model" / "tokenizer.json")
-        for f in ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-            if (init.path / f).exists():
-                shutil.copy(init.path / f, st.path / "model" / f)
-        st.finish(**summary)
-    return st
+    return train_stage(run, "pretrain", cfg.train, init,
+                       lambda: load_token_docs(tokens.path / "train.parquet"),
+                       lambda: load_token_docs(tokens.path / "eval.parquet"), deps=(tokens,))
 
 
 def stage_sample(run: RunDir, cfg: QuickstartConfig, model_stage: Stage, eval_path: Path) -> Stage:
@@ -208,9 +127,10 @@ def run(cfg: QuickstartConfig) -> dict:
     paths = {"train": data_dir / "wiki" / "train.parquet", "eval": data_dir / "wiki" / "eval.parquet"}
     init_ray(cfg.ray, run_dir.root)
     stages: dict[str, Stage] = {}
-    stages["tokenizer"] = stage_tokenizer(run_dir, cfg, paths["train"])
-    stages["tokens"] = stage_tokens(run_dir, stages["tokenizer"], paths)
-    stages["init_model"] = stage_init_model(run_dir, cfg, stages["tokenizer"])
+    stages["tokenizer"] = tokenizer_stage(run_dir, cfg.tokenizer, paths["train"])
+    stages["tokens"] = tokens_stage(run_dir, stages["tokenizer"], paths)
+    stages["init_model"] = init_model_stage(run_dir, cfg.model, stages["tokenizer"],
+                                            context=max(cfg.train.seq_len, 256) + cfg.sample.sampling.max_new_tokens)
     stages["pretrain"] = stage_pretrain(run_dir, cfg, stages["init_model"], stages["tokens"])
     stages["samples"] = stage_sample(run_dir, cfg, stages["pretrain"], paths["eval"])
     report = write_report(run_dir, cfg, stages)

@@ -1,6 +1,7 @@
 """The ``selftaught`` command line.
 
-    selftaught run --config examples/quickstart.yaml [--set train.lr=3e-4 ...]
+    selftaught run --config examples/sbp/tiny.yaml [--set joint.train.lr=3e-4 ...]
+    selftaught sbp --config examples/sbp/tiny.yaml
     selftaught data prepare [--out data] [--set data.wiki_limit=500 ...]
     selftaught generate --model smollm2-135m-instruct --prompt "..." [--chat] [--set sampling.max_new_tokens=64]
     selftaught serve generate --model PATH [--port 8000]
@@ -48,6 +49,13 @@ def cmd_run(args) -> int:
     result = fn(cfg)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def cmd_sbp(args) -> int:
+    """``selftaught sbp -c FILE``: the SBP pipeline (default config: examples/sbp/tiny.yaml)."""
+    args.config = args.config or str(Path(__file__).resolve().parents[1] / "examples" / "sbp" / "tiny.yaml")
+    args.overrides = ["pipeline=sbp", *args.overrides]
+    return cmd_run(args)
 
 
 def cmd_config_show(args) -> int:
@@ -151,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline from a YAML config")
     _config_args(p, required=True)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("sbp", help="Synthetic Bootstrapped Pretraining (same as run with an sbp config)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_sbp)
 
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="what", required=True)

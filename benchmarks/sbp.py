@@ -1,0 +1,133 @@
+"""SBP throughput: document embedding on the actor pool vs one process, ANN vs exact neighbour
+search at 10k and 100k vectors (speed and recall@10), and synthesis tokens/s.
+
+    python benchmarks/sbp.py [--docs 400] [--sizes 10000,100000] [--synth-model runs/sbp-tiny/synthesizer/model]
+
+Writes ``benchmarks/results/sbp.json``. The search vectors are 384-d unit vectors drawn around
+1,000 random centres (MiniLM's dimension; embedding 100k real documents would take over an hour
+on 2 cores); timing uses 2,000 queries against the full index.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+
+def wiki_texts(n: int) -> list[str]:
+    from selftaught.data.wiki import build_wiki
+
+    return [r["text"] for r in build_wiki(limit=n)[0]]
+
+
+def bench_embedding(n_docs: int, actors: int) -> dict:
+    import ray.data
+    import torch
+
+    from actors.embedder import embed_dataset, embed_texts
+    from selftaught.config import RayConfig
+    from selftaught.runtime import init_ray
+
+    texts = wiki_texts(n_docs)
+    out = {"docs": n_docs}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        embed_texts(texts[:32])  # warm-up (model load)
+        t0 = time.perf_counter()
+        embed_texts(texts)
+        out[f"one_process_{threads}_threads_docs_per_s"] = n_docs / (time.perf_counter() - t0)
+    init_ray(RayConfig(include_dashboard=False))
+    ds = ray.data.from_items([{"text": t} for t in texts[:64]])
+    embed_dataset(ds, num_actors=actors).take_all()  # warm the actors' imports
+    ds = ray.data.from_items([{"text": t} for t in texts]).materialize()
+    t0 = time.perf_counter()
+    rows = embed_dataset(ds, num_actors=actors).take_all()
+    assert len(rows) == n_docs
+    out["actor_pool_docs_per_s"] = n_docs / (time.perf_counter() - t0)
+    out["actors"] = actors
+    best_single = max(v for k, v in out.items() if k.startswith("one_process"))
+    out["pool_vs_one_process"] = out["actor_pool_docs_per_s"] / best_single
+    return out
+
+
+def clustered(n: int, d: int = 384, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(1000, d))
+    v = centres[rng.integers(0, 1000, n)] + 0.6 * rng.normal(size=(n, d))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def bench_search(n: int, queries: int = 2000, k: int = 10) -> dict:
+    import faiss
+
+    from selftaught.ann import AnnConfig, build_index, recall_at_k, search
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    vecs = clustered(n)
+    q = vecs[np.random.default_rng(1).choice(n, queries, replace=False)]
+    res = {"vectors": n, "queries": queries}
+    t0 = time.perf_counter()
+    exact = build_index(vecs, AnnConfig(kind="exact"))
+    res["exact_build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, ex_ids = search(exact, q, k)
+    res["exact_search_s"] = time.perf_counter() - t0
+    for kind, cfg in {"hnsw": AnnConfig(kind="hnsw", hnsw_m=32, ef_search=64),
+                      "ivf": AnnConfig(kind="ivf", nprobe=16)}.items():
+        t0 = time.perf_counter()
+        index = build_index(vecs, cfg)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, ids = search(index, q, k)
+        dt = time.perf_counter() - t0
+        res[kind] = {"build_s": build, "search_s": dt, "speedup_vs_exact": res["exact_search_s"] / dt,
+                     "recall_at_10": recall_at_k(ids, ex_ids, k)}
+    return res
+
+
+def bench_synthesis(model: str, n: int = 64, new_tokens: int = 128) -> dict:
+    from actors.engine import create_engine
+    from selftaught.config import EngineConfig, SamplingConfig
+
+    engine = create_engine(EngineConfig(backend="transformers", model=model, max_batch_size=64))
+    prompts = wiki_texts(n)
+    prompts = [" ".join(p.split()[:60]) + "\n\n" for p in prompts]
+    params = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=new_tokens, seed=0)
+    engine.generate(prompts[:8], params.model_copy(update={"max_new_tokens": 8}))
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    toks = sum(c.num_tokens for o in outs for c in o.completions)
+    return {"model": model, "prompts": n, "max_new_tokens": new_tokens, "tokens": toks, "tokens_per_s": toks / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=400)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--synth-model", default="runs/sbp-tiny/synthesizer/model")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    result = {"benchmark": "sbp", "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    result["search"] = [bench_search(int(n)) for n in args.sizes.split(",")]
+    print(json.dumps(result["search"], indent=1), flush=True)
+    if Path(args.synth_model).exists():
+        result["synthesis"] = bench_synthesis(args.synth_model)
+        print(json.dumps(result["synthesis"]), flush=True)
+    result["embedding"] = bench_embedding(args.docs, args.actors)
+    print(json.dumps(result["embedding"]), flush=True)
+    out = Path(args.out or Path(__file__).parent / "results" / "sbp.json")
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
