@@ -1,5 +1,14 @@
-"""Bundled datasets built from installed packages: Wikipedia summaries (pretraining corpus),
-the World Factbook with closed-book questions (niche corpus), reasoning-gym task sets."""
-from selftaught.data.schema import DOC_SCHEMA, BuildStats, documents_table, package_data_dir
+"""Bundled datasets built from installed packages (nothing is downloaded):
 
-__all__ = ["DOC_SCHEMA", "BuildStats", "documents_table", "package_data_dir"]
+- :mod:`~selftaught.data.wiki` -- Wikipedia vital-article summaries, the pretraining corpus;
+- :mod:`~selftaught.data.factbook` -- World Factbook documents and closed-book questions;
+- :mod:`~selftaught.data.reasoning` -- reasoning-gym task sets with their verifiers;
+- :mod:`~selftaught.data.prepare` -- ``prepare(DataConfig, out_dir)``, resumable, to Parquet.
+
+Only the schema is imported here; the builders are imported where they are used.
+"""
+from selftaught.data.schema import (DOC_SCHEMA, QUESTION_SCHEMA, TASK_SCHEMA, BuildStats, documents_table,
+                                    make_doc, validate_document)
+
+__all__ = ["DOC_SCHEMA", "QUESTION_SCHEMA", "TASK_SCHEMA", "BuildStats", "documents_table", "make_doc",
+           "validate_document"]
