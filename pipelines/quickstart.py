@@ -78,26 +78,11 @@ def stage_sample(run: RunDir, cfg: QuickstartConfig, model_stage: Stage, eval_pa
 
 def write_report(run: RunDir, cfg: QuickstartConfig, stages: dict[str, Stage]) -> Path:
     """``report.md`` with the key numbers and a few samples, and ``loss.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trainers.loop import plot_curves
 
     metrics = [json.loads(x) for x in (stages["pretrain"].path / "metrics.jsonl").read_text().splitlines()]
-    train = [(m["tokens_seen"], m["loss"]) for m in metrics if m.get("loss") is not None]
-    held = [(m["tokens_seen"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"{cfg.model.size} model, {cfg.train.token_budget:,}-token budget")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run.root / "loss.png", dpi=120)
-    plt.close(fig)
+    plot_curves(metrics, run.root / "loss.png",
+                title=f"{cfg.model.size} model, {cfg.train.token_budget:,}-token budget")
     summary = stages["pretrain"].outputs
     samples = read_parquet(stages["samples"].path / "samples.parquet").to_pylist()
     lines = ["# Quickstart report", "",

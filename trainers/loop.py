@@ -400,7 +400,7 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
             "engine": cfg.engine, "world_size": world, "resumed_from_step": start_step}
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, title: str | None = None) -> None:
     """Training and held-out loss against tokens seen."""
     import matplotlib
 
@@ -416,6 +416,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.plot(*zip(*held), "o-", label="held-out loss")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy (nats/token)")
+    if title:
+        ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
