@@ -23,7 +23,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from pipelines.stages import (ModelConfig, TokenizerConfig, init_model_stage, load_token_docs, model_dir,
-                              read_texts, tokenizer_stage, tokens_stage, train_stage)
+                              tokenizer_stage, tokens_stage, train_stage)
 from selftaught.ann import AnnConfig
 from selftaught.config import EngineConfig, RayConfig, SamplingConfig, Strict, save
 from selftaught.data.prepare import DataConfig, prepare

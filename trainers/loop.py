@@ -68,11 +68,6 @@ def masked_lm_loss(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -
     return loss / n.clamp(min=1)
 
 
-# kept for callers that evaluate plain windows
-def causal_lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
-    return masked_lm_loss(model, windows)
-
-
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, device, batch_size: int = 16) -> float:
     was_training = model.training
