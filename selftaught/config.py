@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 T = TypeVar("T", bound="Strict")
 
@@ -37,8 +37,45 @@ class RayConfig(Strict):
     include_dashboard: bool = True  # the dashboard also serves the state API Ray Train relies on
 
 
+class BudgetConfig(Strict):
+    """Budget forcing (s1): how long a reasoning model may think before it answers.
+
+    The completion has two phases split by the end-of-thinking delimiter ``think_end``. While
+    thinking, the model proposing to end (its first delimiter token, EOS or a stop token) is
+    overruled by appending ``extension`` until ``num_extensions`` have been used and
+    ``min_thinking_tokens`` are reached (with no extension string the end is simply
+    forbidden until the minimum). At ``max_thinking_tokens`` the delimiter (plus
+    ``answer_cue``) is forced. The answer then has its own limit. ``think_start`` is appended
+    to the prompt when it does not already end with it. Defaults match our SFT format;
+    ``<think>``-style models use ``think_start="<think>\n"``, ``think_end="</think>\n\n"``.
+    """
+
+    max_thinking_tokens: int | None = Field(default=None, ge=0)
+    min_thinking_tokens: int = Field(default=0, ge=0)
+    num_extensions: int = Field(default=0, ge=0, le=64)
+    extension: str = "Wait"
+    answer_cue: str = ""  # e.g. "Final Answer:" after a forced (capped) end of thinking
+    max_answer_tokens: int | None = Field(default=None, ge=1)
+    think_start: str = "<|im_start|>think\n"
+    think_end: str = "<|im_start|>answer\n"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "BudgetConfig":
+        if not self.think_end:
+            raise ValueError("think_end (the end-of-thinking delimiter) must not be empty")
+        if self.num_extensions and not self.extension:
+            raise ValueError("num_extensions > 0 needs an extension string (e.g. 'Wait')")
+        if self.max_thinking_tokens is not None and self.min_thinking_tokens > self.max_thinking_tokens:
+            raise ValueError(f"min_thinking_tokens {self.min_thinking_tokens} exceeds "
+                             f"max_thinking_tokens {self.max_thinking_tokens}")
+        return self
+
+
 class SamplingConfig(Strict):
-    """Decoding parameters shared by every engine backend (one request's settings)."""
+    """Decoding parameters shared by every engine backend (one request's settings).
+
+    ``max_new_tokens`` bounds the whole completion, budget-forced ones included (thinking,
+    delimiters and answer)."""
 
     temperature: float = Field(default=1.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -50,6 +87,7 @@ class SamplingConfig(Strict):
     ignore_eos: bool = False
     seed: int | None = None
     n: int = Field(default=1, ge=1)
+    budget: BudgetConfig | None = None  # budget forcing for reasoning models (s1)
 
 
 class EngineConfig(Strict):

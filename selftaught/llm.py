@@ -109,6 +109,8 @@ def sampling_kwargs(s: SamplingConfig) -> dict[str, Any]:
         body["stop_token_ids"] = list(s.stop_token_ids)
     if s.ignore_eos:
         body["ignore_eos"] = True
+    if s.budget is not None:  # read by our OpenAI-compatible Serve app (serve/openai_app.py)
+        body["budget_forcing"] = s.budget.model_dump(exclude_defaults=True)
     if body:
         kw["extra_body"] = body
     return kw

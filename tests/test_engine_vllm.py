@@ -28,9 +28,9 @@ def test_sampling_config_maps_field_for_field():
     assert kw == dict(n=2, temperature=0.5, top_p=0.9, top_k=20, max_tokens=7, min_tokens=2,
                       stop=["\n"], stop_token_ids=[5], ignore_eos=True, seed=3,
                       skip_special_tokens=True)
-    # Every SamplingConfig field has its vLLM counterpart.
+    # Every SamplingConfig field has its vLLM counterpart (budgets run as rounds of requests).
     mapped = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
-    assert {mapped.get(f, f) for f in SamplingConfig.model_fields} <= set(kw)
+    assert {mapped.get(f, f) for f in SamplingConfig.model_fields if f != "budget"} <= set(kw)
     default = sampling_kwargs(SamplingConfig())
     assert default["top_k"] == -1 and default["stop"] is None and default["stop_token_ids"] is None
 
@@ -158,3 +158,26 @@ def test_sampling_n_seed_and_per_request_settings(engines):
                                               SamplingConfig(temperature=0, max_new_tokens=5, ignore_eos=True)])
     assert [o.completions[0].num_tokens for o in mixed] == [2, 5] and [o.request_index for o in mixed] == [0, 1]
     assert vl.info()["backend"] == "vllm" and vl.info()["dtype"] == "float32"
+
+
+def test_budget_forcing_matches_transformers_backend(engines):
+    """Per-token policy (transformers) and rounds (vLLM) give the same budget-forced samples."""
+    from selftaught.config import BudgetConfig
+
+    hf, vl = engines
+    conv = [{"role": "user", "content": "How many legs do three spiders have? Think it through."}]
+    prompt = hf.apply_chat_template(conv)
+    plain = hf.generate([prompt], SamplingConfig(temperature=0, max_new_tokens=30))[0].completions[0]
+    stops = sorted(set(plain.token_ids[3:8]))  # ids the model does emit: natural "end of thinking"
+    budgets = [BudgetConfig(max_thinking_tokens=12, answer_cue="Final Answer:", max_answer_tokens=6),
+               BudgetConfig(num_extensions=2, extension="Wait", max_thinking_tokens=40, max_answer_tokens=6),
+               BudgetConfig(min_thinking_tokens=10, extension="", max_thinking_tokens=30, max_answer_tokens=6)]
+    params = [SamplingConfig(temperature=0, max_new_tokens=64, stop_token_ids=stops, budget=b) for b in budgets]
+    a, b = hf.generate([prompt] * 3, params), vl.generate([prompt] * 3, params)
+    for x, y in zip(a, b, strict=True):
+        assert x.prompt_token_ids == y.prompt_token_ids
+        cx, cy = x.completions[0], y.completions[0]
+        assert (cx.token_ids, cx.budget, cx.finish_reason) == (cy.token_ids, cy.budget, cy.finish_reason)
+        assert (cx.reasoning, cx.answer) == (cy.reasoning, cy.answer)
+    assert b[0].completions[0].budget["thinking_tokens"] <= 12
+    assert b[2].completions[0].budget["thinking_tokens"] >= 10

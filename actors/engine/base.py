@@ -25,6 +25,11 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop string or stop token) or "length"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    # Budget-forced (reasoning) samples only: the thinking text, the answer text and the
+    # exact token accounting (see actors/engine/budget.py).
+    reasoning: str | None = None
+    answer: str | None = None
+    budget: dict[str, Any] | None = None
 
     @property
     def num_tokens(self) -> int:

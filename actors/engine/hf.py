@@ -12,12 +12,13 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from actors.engine.base import (Completion, GenerationEngine, GenerationOutput, Prompt,
                                 first_stop, per_request)
+from actors.engine.budget import BudgetForcing, budget_tokens, with_think_start
 from selftaught.config import EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,14 @@ class RowState:
     index: int  # position in the flattened (request, sample) list
     params: SamplingConfig
     prompt_len: int
+    request: int = 0  # the prompt this row answers
+    sample: int = 0  # which of the prompt's n samples
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
     forced: deque = field(default_factory=deque)
     banned: set[int] = field(default_factory=set)
     done: bool = False
+    was_forced: bool = False  # the last token came from ``forced``, not from sampling
     finish_reason: str = "length"
     stop_reason: str | int | None = None
     policy: Any = None
@@ -53,6 +57,16 @@ class DecodePolicy:
     def before_step(self, row: RowState, engine: "TransformersEngine") -> None:
         if row.n_generated < row.params.min_new_tokens:
             row.banned.update(engine.stop_ids_for(row.params))
+
+    def on_sample(self, row: RowState, token: int, engine: "TransformersEngine") -> None:
+        """The model proposed ``token``; a policy may queue ``row.forced`` to replace it."""
+
+    def stop_strings_active(self, row: RowState) -> bool:
+        return True
+
+    def text_start(self, row: RowState) -> int:
+        """Index of the first generated token that stop strings are matched against."""
+        return 0
 
     def after_token(self, row: RowState, token: int, engine: "TransformersEngine") -> bool:
         """Return True when the row is finished by ``token``."""
@@ -126,12 +140,19 @@ class TransformersEngine(GenerationEngine):
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt],
                  sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
-                 policies: Sequence[Any] | None = None) -> list[GenerationOutput]:
+                 policies: Sequence[Any] | None = None,
+                 on_token: Callable[[RowState], None] | None = None) -> list[GenerationOutput]:
         """Generate for each prompt. ``policies`` (one per prompt, optional) replace the plain
-        decode policy for that prompt's samples."""
+        decode policy for that prompt's samples; requests with ``sampling.budget`` get budget
+        forcing. ``on_token(row)`` is called after every emitted token (streaming)."""
         t0 = time.perf_counter()
         params = per_request(sampling, len(prompts))
         encoded = [self.encode(p) for p in prompts]
+        for i, p in enumerate(params):
+            if p.budget is not None and (policies is None or policies[i] is None):
+                ids = encoded[i][1]
+                ids = with_think_start(ids, budget_tokens(self, p.budget, p))
+                encoded[i] = (self.tokenizer.decode(ids), ids)
         rows: list[tuple[int, int, list[int], SamplingConfig, Any]] = []
         for i, ((_, ids), p) in enumerate(zip(encoded, params)):
             if len(ids) + p.max_new_tokens > self.max_len:
@@ -150,7 +171,7 @@ class TransformersEngine(GenerationEngine):
         for start in range(0, len(order), bs):
             chunk = [rows[k] for k in order[start:start + bs]]
             states = [self._make_state(order[start + j], r) for j, r in enumerate(chunk)]
-            self._run_batch([r[2] for r in chunk], states)
+            self._run_batch([r[2] for r in chunk], states, on_token)
             results.update({s.index: s for s in states})
         outs = [GenerationOutput(prompt=encoded[i][0], prompt_token_ids=list(encoded[i][1]),
                                  completions=[], request_index=i) for i in range(len(prompts))]
@@ -165,17 +186,22 @@ class TransformersEngine(GenerationEngine):
 
     # ------------------------------------------------------------------ decode loop
     def _make_state(self, index: int, row) -> RowState:
-        _, s, ids, p, pol = row
+        i, s, ids, p, pol = row
         gen = None
         if p.seed is not None:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(int(p.seed) * 1000003 + s)
-        st = RowState(index=index, params=p, prompt_len=len(ids), generator=gen, policy=pol or PLAIN)
+        if pol is None and p.budget is not None:
+            pol = BudgetForcing(p.budget, budget_tokens(self, p.budget, p))  # per sample: it keeps counts
+        st = RowState(index=index, params=p, prompt_len=len(ids), request=i, sample=s, generator=gen,
+                      policy=pol or PLAIN)
         if hasattr(st.policy, "start"):
             st.policy.start(st, self)
         return st
 
     def _finish(self, st: RowState) -> Completion:
+        if hasattr(st.policy, "completion"):
+            return st.policy.completion(st, self)
         text = self.tokenizer.decode(st.tokens, skip_special_tokens=True)
         if st.params.stop:
             hit = first_stop(text, st.params.stop)
@@ -190,7 +216,8 @@ class TransformersEngine(GenerationEngine):
                          past_key_values=cache, use_cache=True, cache_position=cache_position)
         return out.logits[:, -1, :].float()
 
-    def _run_batch(self, prompt_ids: list[list[int]], states: list[RowState]) -> None:
+    def _run_batch(self, prompt_ids: list[list[int]], states: list[RowState],
+                   on_token: Callable[[RowState], None] | None = None) -> None:
         from transformers import DynamicCache, StaticCache
 
         dev = self.device
@@ -235,10 +262,13 @@ class TransformersEngine(GenerationEngine):
                 st = states[batch_rows[j]]
                 cur_list[j] = tok
                 st.tokens.append(tok)
-                if st.policy.after_token(st, tok, self) or self._hit_stop_string(st):
+                if st.policy.after_token(st, tok, self) or (
+                        st.policy.stop_strings_active(st) and self._hit_stop_string(st)):
                     st.done = True
                 elif st.n_generated >= st.params.max_new_tokens and not st.forced:
                     st.done, st.finish_reason = True, "length"
+                if on_token is not None:
+                    on_token(st)
             step += 1
             if all(states[i].done for i in batch_rows):
                 break
@@ -266,7 +296,8 @@ class TransformersEngine(GenerationEngine):
         if not stops:
             return False
         window = max(len(s) for s in stops) + 8
-        tail = self.tokenizer.decode(st.tokens[-window:], skip_special_tokens=True)
+        start = max(len(st.tokens) - window, st.policy.text_start(st) if hasattr(st.policy, "text_start") else 0)
+        tail = self.tokenizer.decode(st.tokens[start:], skip_special_tokens=True)
         hit = first_stop(tail, stops)
         if hit is None:
             return False
@@ -298,7 +329,10 @@ class TransformersEngine(GenerationEngine):
             choice = torch.where(greedy, choice, sampled)
         out = choice.tolist()
         for j, r in enumerate(rows):
-            if r.forced:
+            if not r.forced:
+                r.policy.on_sample(r, out[j], self)
+            r.was_forced = bool(r.forced)
+            if r.was_forced:
                 out[j] = int(r.forced.popleft())
         return out
 

@@ -144,6 +144,8 @@ class VLLMEngine(GenerationEngine):
 
         params = per_request(sampling, len(prompts))
         encoded = [self.encode(p) for p in prompts]
+        if any(p.budget is not None for p in params):
+            return self._generate_budgeted(encoded, params)
         inputs = [TokensPrompt(prompt_token_ids=ids) for _, ids in encoded]
         t0 = time.perf_counter()
         results = self.llm.generate(inputs, [to_sampling_params(p) for p in params], use_tqdm=False)
@@ -174,3 +176,31 @@ class VLLMEngine(GenerationEngine):
             elif last in self.eos_ids:
                 stop_reason = ids.pop()  # vLLM keeps EOS (primary or from generation config)
         return Completion(text=text, token_ids=ids, finish_reason=reason, stop_reason=stop_reason)
+
+    def _generate_budgeted(self, encoded: list[tuple[str, list[int]]],
+                           params: list[SamplingConfig]) -> list[GenerationOutput]:
+        """Budget forcing in rounds (vLLM has no per-token hook we can use from ``LLM``);
+        requests without a budget ride along in the same calls as one-round requests."""
+        from actors.engine.budget import budget_tokens, generate_in_rounds, with_think_start
+
+        t0 = time.perf_counter()
+        budgeted = [i for i, p in enumerate(params) if p.budget is not None]
+        plain = [i for i, p in enumerate(params) if p.budget is None]
+        comps: dict[int, list[Completion]] = {}
+        if plain:
+            for i, o in zip(plain, self.generate([encoded[i][1] for i in plain], [params[i] for i in plain])):
+                comps[i] = o.completions
+        rounds = generate_in_rounds(self, [encoded[i][1] for i in budgeted], [params[i] for i in budgeted])
+        comps.update(zip(budgeted, rounds))
+        dt = time.perf_counter() - t0
+        outs = []
+        for i, ((text, ids), p) in enumerate(zip(encoded, params)):
+            if p.budget is not None:
+                ids = with_think_start(ids, budget_tokens(self, p.budget, p))
+                text = self.tokenizer.decode(ids)
+            outs.append(GenerationOutput(
+                prompt=text, prompt_token_ids=list(ids), completions=comps[i], request_index=i,
+                metrics={"prompt_tokens": len(ids), "completion_tokens": sum(c.num_tokens for c in comps[i]),
+                         "batch_seconds": dt}))
+        return outs
+

@@ -1,0 +1,316 @@
+"""Budget forcing (s1): control how many tokens a reasoning model thinks before it answers.
+
+Two implementations with one semantics (``BudgetConfig`` in :mod:`selftaught.config`):
+
+- :class:`BudgetForcing`, a per-row decode policy of the transformers engine. It acts token by
+  token inside the batched decode loop, so rows with different budgets share a batch and no
+  prompt is ever re-encoded.
+- :func:`generate_in_rounds`, for backends without per-token hooks (vLLM): thinking runs in
+  rounds that stop at the end-of-thinking triggers or at the remaining budget, extensions or
+  the delimiter are appended between rounds, then one answer round. vLLM's prefix cache makes
+  the re-submitted prefix cheap. It drives any engine through ``engine.generate``, so it is
+  checked against the per-token policy on the transformers engine.
+
+Semantics, per sample: thinking tokens are everything between the prompt (which ends with
+``think_start``) and the delimiter, extension strings included. A *trigger* is the first token
+of ``think_end``, EOS or a stop token id. A sampled trigger while ``min_thinking_tokens`` is
+not reached or fewer than ``num_extensions`` extensions were used is replaced by the extension
+string; otherwise it ends thinking and is replaced by the full delimiter. With no extension
+string the triggers are masked until the minimum. Reaching ``max_thinking_tokens`` forces the
+delimiter plus ``answer_cue`` (``capped``). Extensions are cut at the cap, so thinking never
+exceeds it. The answer then runs to EOS/stop, ``max_answer_tokens`` or the request's
+``max_new_tokens``, which bounds the whole completion.
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from actors.engine.base import Completion, first_stop
+from selftaught.config import BudgetConfig, SamplingConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from actors.engine.base import GenerationEngine
+
+
+@dataclass(frozen=True)
+class BudgetTokens:
+    """A budget's strings as token ids for one tokenizer."""
+
+    think_start: tuple[int, ...]
+    think_end: tuple[int, ...]
+    cue: tuple[int, ...]
+    extension: tuple[int, ...]
+    triggers: frozenset[int]
+
+
+def _ids(tokenizer, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
+
+
+def budget_tokens(engine: "GenerationEngine", cfg: BudgetConfig, params: SamplingConfig) -> BudgetTokens:
+    """Token ids of the budget's strings (cached on the engine: tokenizing per row is waste)."""
+    cache = engine.__dict__.setdefault("_budget_tokens", {})
+    key = (cfg.model_dump_json(), tuple(sorted(params.stop_token_ids)), params.ignore_eos)
+    if key not in cache:
+        tok = engine.tokenizer
+        end = _ids(tok, cfg.think_end)
+        if not end:
+            raise ValueError(f"think_end {cfg.think_end!r} encodes to no tokens")
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.eos_ids))
+        cache[key] = BudgetTokens(think_start=_ids(tok, cfg.think_start), think_end=end,
+                                  cue=_ids(tok, cfg.answer_cue), extension=_ids(tok, cfg.extension),
+                                  triggers=frozenset({end[0]} | stops))
+    return cache[key]
+
+
+def with_think_start(ids: Sequence[int], toks: BudgetTokens) -> list[int]:
+    """The prompt ending with the start-of-thinking marker (added only if missing)."""
+    ids = list(ids)
+    n = len(toks.think_start)
+    if n and ids[-n:] != list(toks.think_start):
+        ids += toks.think_start
+    return ids
+
+
+@dataclass
+class BudgetUsage:
+    """Exact token accounting of one budget-forced sample."""
+
+    thinking_tokens: int = 0  # extension tokens included
+    extension_tokens: int = 0
+    extensions: int = 0
+    control_tokens: int = 0  # the forced delimiter and answer cue
+    answer_tokens: int = 0
+    capped: bool = False  # thinking was ended by max_thinking_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def assemble(tokenizer, tokens: list[int], usage: BudgetUsage, finish_reason: str,
+             stop_reason: Any, stop: Sequence[str]) -> Completion:
+    """A budget-forced sample in the engine schema: ``reasoning`` is the thinking text,
+    ``answer`` the text after the delimiter (cut at a stop string), ``text`` both with the
+    delimiter between them."""
+    t, c = usage.thinking_tokens, usage.control_tokens
+    dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    reasoning, control, answer = dec(tokens[:t]), dec(tokens[t:t + c]), dec(tokens[t + c:])
+    if stop:
+        hit = first_stop(answer, stop)
+        if hit is not None:
+            answer, finish_reason, stop_reason = answer[:hit[0]], "stop", hit[1]
+    return Completion(text=reasoning + control + answer, token_ids=list(tokens),
+                      finish_reason=finish_reason, stop_reason=stop_reason,
+                      reasoning=reasoning, answer=answer, budget=usage.to_dict())
+
+
+class BudgetForcing:
+    """Per-row decode policy of the transformers engine (one instance per sample).
+
+    Every emitted token is labelled with the phase it belongs to: sampled tokens take the
+    current phase, forced ones the label queued with them (``ext`` or ``ctl``)."""
+
+    def __init__(self, cfg: BudgetConfig, toks: BudgetTokens):
+        self.cfg, self.toks = cfg, toks
+        self.phase = "think"  # think -> control (forced delimiter) -> answer
+        self.labels: deque[str] = deque()
+        self.usage = BudgetUsage()
+
+    def _queue(self, row, ids: Sequence[int], label: str) -> None:
+        row.forced.extend(ids)
+        self.labels.extend([label] * len(ids))
+
+    def _end_thinking(self, row, capped: bool) -> None:
+        row.forced.clear()
+        self.labels.clear()
+        self._queue(row, self.toks.think_end + (self.toks.cue if capped else ()), "ctl")
+        self.phase, self.usage.capped = "control", capped
+
+    def _room(self) -> int | None:
+        cap = self.cfg.max_thinking_tokens
+        return None if cap is None else cap - self.usage.thinking_tokens
+
+    def before_step(self, row, engine) -> None:
+        if self.phase != "think":
+            return
+        room = self._room()
+        if room is not None and room <= 0:
+            self._end_thinking(row, capped=True)
+        elif (not row.forced and not self.toks.extension
+              and self.usage.thinking_tokens < self.cfg.min_thinking_tokens):
+            row.banned.update(self.toks.triggers)
+
+    def on_sample(self, row, token: int, engine) -> None:
+        """The model proposed ``token``; queue replacements when it tries to stop thinking."""
+        if self.phase != "think" or token not in self.toks.triggers:
+            return
+        u, cfg = self.usage, self.cfg
+        if self.toks.extension and (u.thinking_tokens < cfg.min_thinking_tokens
+                                    or u.extensions < cfg.num_extensions):
+            room = self._room()
+            ext = self.toks.extension if room is None else self.toks.extension[:room]
+            u.extensions += 1
+            self._queue(row, ext, "ext")
+        else:
+            self._end_thinking(row, capped=False)
+
+    def after_token(self, row, token: int, engine) -> bool:
+        label = self.labels.popleft() if row.was_forced else ("think" if self.phase == "think" else "answer")
+        u, p = self.usage, row.params
+        if label in ("think", "ext"):
+            u.thinking_tokens += 1
+            u.extension_tokens += label == "ext"
+        elif label == "ctl":
+            u.control_tokens += 1
+            if not self.labels:
+                self.phase = "answer"
+        else:
+            u.answer_tokens += 1
+            if token in engine.stop_ids_for(p):
+                row.finish_reason, row.stop_reason = "stop", int(token)
+                if token in engine.eos_ids and token not in p.stop_token_ids:
+                    row.tokens.pop()  # EOS is not part of the text
+                    u.answer_tokens -= 1
+                return True
+        if row.n_generated >= p.max_new_tokens:  # the whole completion's hard limit
+            row.forced.clear()
+            row.finish_reason = "length"
+            return True
+        if label == "answer" and self.cfg.max_answer_tokens and u.answer_tokens >= self.cfg.max_answer_tokens:
+            row.finish_reason = "length"
+            return True
+        return False
+
+    def stop_strings_active(self, row) -> bool:
+        return self.phase == "answer" and self.usage.answer_tokens > 0
+
+    def text_start(self, row) -> int:
+        return self.usage.thinking_tokens + self.usage.control_tokens
+
+    def completion(self, row, engine) -> Completion:
+        return assemble(engine.tokenizer, row.tokens, self.usage, row.finish_reason,
+                        row.stop_reason, row.params.stop)
+
+
+# ---------------------------------------------------------------------- round-based driver
+@dataclass
+class _Sample:
+    prompt: list[int]
+    params: SamplingConfig
+    toks: BudgetTokens
+    seed: int | None
+    tokens: list[int]
+    usage: BudgetUsage
+    phase: str = "think"
+    finish_reason: str = "length"
+    stop_reason: Any = None
+
+    @property
+    def room_total(self) -> int:
+        return self.params.max_new_tokens - len(self.tokens)
+
+    def append(self, ids: Sequence[int]) -> bool:
+        """Append forced tokens up to the hard limit; False when the limit was hit."""
+        ids = list(ids)[: self.room_total]
+        self.tokens += ids
+        return self.room_total > 0
+
+
+def _round_params(s: _Sample, **kw: Any) -> SamplingConfig:
+    p = s.params
+    return SamplingConfig(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=s.seed, n=1, **kw)
+
+
+def generate_in_rounds(engine: "GenerationEngine", prompts: list[list[int]],
+                       params: list[SamplingConfig]) -> list[list[Completion]]:
+    """Budget forcing through repeated ``engine.generate`` calls (backends without per-token
+    hooks). ``prompts`` are token ids; returns the completions of each prompt (``n`` each)."""
+    samples: list[list[_Sample]] = []
+    for ids, p in zip(prompts, params):
+        toks = budget_tokens(engine, p.budget, p)
+        prompt = with_think_start(ids, toks)
+        samples.append([_Sample(prompt, p, toks, None if p.seed is None else int(p.seed) * 1000003 + k,
+                                [], BudgetUsage()) for k in range(p.n)])
+    flat = [s for group in samples for s in group]
+    while True:
+        thinking = [s for s in flat if s.phase == "think"]
+        round_in: list[_Sample] = []
+        for s in thinking:
+            cfg = s.params.budget
+            room = None if cfg.max_thinking_tokens is None else cfg.max_thinking_tokens - s.usage.thinking_tokens
+            if room is not None and room <= 0:
+                _close_thinking(s, capped=True)
+            else:
+                round_in.append(s)
+        if not round_in:
+            break
+        sp = []
+        for s in round_in:
+            cfg = s.params.budget
+            room = s.room_total if cfg.max_thinking_tokens is None else min(
+                s.room_total, cfg.max_thinking_tokens - s.usage.thinking_tokens)
+            min_new = 0 if s.toks.extension else max(0, cfg.min_thinking_tokens - s.usage.thinking_tokens)
+            sp.append(_round_params(s, max_new_tokens=room, min_new_tokens=min(min_new, room),
+                                    stop_token_ids=sorted(s.toks.triggers), ignore_eos=True))
+        outs = engine.generate([s.prompt + s.tokens for s in round_in], sp)
+        for s, o in zip(round_in, outs):
+            c = o.completions[0]
+            ids = list(c.token_ids)
+            trigger = c.finish_reason == "stop" and bool(ids) and ids[-1] in s.toks.triggers
+            if trigger:
+                ids.pop()
+            s.tokens += ids
+            s.usage.thinking_tokens += len(ids)
+            if s.room_total <= 0:
+                s.phase, s.finish_reason = "done", "length"
+                continue
+            if not trigger:
+                continue  # the thinking budget ran out: capped at the top of the next round
+            cfg, u = s.params.budget, s.usage
+            if s.toks.extension and (u.thinking_tokens < cfg.min_thinking_tokens or u.extensions < cfg.num_extensions):
+                room = None if cfg.max_thinking_tokens is None else cfg.max_thinking_tokens - u.thinking_tokens
+                ext = s.toks.extension if room is None else s.toks.extension[:room]
+                before = len(s.tokens)
+                full = s.append(ext)
+                added = len(s.tokens) - before
+                u.extensions += 1
+                u.thinking_tokens += added
+                u.extension_tokens += added
+                if not full:
+                    s.phase, s.finish_reason = "done", "length"
+            else:
+                _close_thinking(s, capped=False)
+    answering = [s for s in flat if s.phase == "answer"]
+    if answering:
+        sp = []
+        for s in answering:
+            p, cfg = s.params, s.params.budget
+            limit = s.room_total if not cfg.max_answer_tokens else min(s.room_total, cfg.max_answer_tokens)
+            sp.append(_round_params(s, max_new_tokens=limit, stop=list(p.stop),
+                                    stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos))
+        outs = engine.generate([s.prompt + s.tokens for s in answering], sp)
+        for s, o in zip(answering, outs):
+            c = o.completions[0]
+            s.tokens += c.token_ids
+            s.usage.answer_tokens += len(c.token_ids)
+            s.finish_reason, s.stop_reason = c.finish_reason, c.stop_reason
+    return [[assemble(engine.tokenizer, s.tokens, s.usage, s.finish_reason, s.stop_reason, s.params.stop)
+             for s in group] for group in samples]
+
+
+def _close_thinking(s: _Sample, capped: bool) -> None:
+    before = len(s.tokens)
+    full = s.append(s.toks.think_end + (s.toks.cue if capped else ()))
+    s.usage.control_tokens += len(s.tokens) - before
+    s.usage.capped = capped
+    s.phase = "answer" if full else "done"
+    if not full:
+        s.finish_reason = "length"
+
+
+def budget_key(cfg: BudgetConfig | None) -> str:
+    """A stable text form of a budget (grouping, logging)."""
+    return json.dumps(cfg.model_dump(), sort_keys=True) if cfg else ""

@@ -1,0 +1,172 @@
+"""Budget forcing: exact semantics on a tiny model, both implementations.
+
+Making every vocabulary id a stop token turns each sampled token into a proposal to stop
+thinking, which pins down exactly where extensions and delimiters must appear.
+"""
+from __future__ import annotations
+
+import pytest
+
+from actors.engine.budget import budget_tokens, generate_in_rounds
+from selftaught.config import BudgetConfig, EngineConfig, SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_lm_dir):
+    from actors.engine.hf import TransformersEngine
+
+    return TransformersEngine(EngineConfig(model=str(tiny_lm_dir), backend="transformers", max_batch_size=8))
+
+
+def _all_stop(engine, budget: BudgetConfig, **kw) -> SamplingConfig:
+    vocab = list(range(len(engine.tokenizer)))
+    return SamplingConfig(temperature=0.0, max_new_tokens=kw.pop("max_new_tokens", 64),
+                          stop_token_ids=vocab, budget=budget, **kw)
+
+
+def _ids(engine, text):
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+PROMPT = "The river flows"
+
+
+def test_extensions_then_delimiter_then_answer(engine):
+    b = BudgetConfig(num_extensions=2, extension="Wait")
+    out = engine.generate([PROMPT], _all_stop(engine, b))[0]
+    c = out.completions[0]
+    wait, end = _ids(engine, "Wait"), _ids(engine, b.think_end)
+    # trigger -> Wait, trigger -> Wait, trigger -> delimiter, one answer token that is a stop id
+    assert c.token_ids[:2 * len(wait)] == wait + wait
+    assert c.token_ids[2 * len(wait):2 * len(wait) + len(end)] == end
+    assert c.budget == {"thinking_tokens": 2 * len(wait), "extension_tokens": 2 * len(wait),
+                        "extensions": 2, "control_tokens": len(end), "answer_tokens": 1, "capped": False}
+    assert len(c.token_ids) == 2 * len(wait) + len(end) + 1
+    assert c.finish_reason == "stop"
+    # the prompt carries the start-of-thinking marker
+    assert out.prompt_token_ids[-len(_ids(engine, b.think_start)):] == _ids(engine, b.think_start)
+
+
+def test_min_budget_with_extension_and_cap_cuts_it(engine):
+    wait = _ids(engine, "Wait")
+    b = BudgetConfig(min_thinking_tokens=7, max_thinking_tokens=7, extension="Wait", answer_cue="Final Answer:")
+    c = engine.generate([PROMPT], _all_stop(engine, b))[0].completions[0]
+    end, cue = _ids(engine, b.think_end), _ids(engine, "Final Answer:")
+    assert c.budget["thinking_tokens"] == 7
+    assert c.budget["extensions"] == -(-7 // len(wait))  # ceil: the last one cut at the cap
+    assert c.budget["capped"] is True
+    assert c.token_ids[7:7 + len(end) + len(cue)] == end + cue
+    assert c.budget["control_tokens"] == len(end) + len(cue)
+
+
+def test_min_budget_without_extension_masks_the_end(engine):
+    allowed = set(range(20, 60))  # every other id is a stop: a proposal to end thinking
+    b = BudgetConfig(min_thinking_tokens=5, max_thinking_tokens=30, extension="")
+    p = SamplingConfig(temperature=0.0, max_new_tokens=64, budget=b,
+                       stop_token_ids=[t for t in range(len(engine.tokenizer)) if t not in allowed])
+    c = engine.generate([PROMPT], p)[0].completions[0]
+    end, t = _ids(engine, b.think_end), c.budget["thinking_tokens"]
+    assert t >= 5 and c.budget["extensions"] == 0
+    assert set(c.token_ids[:5]) <= allowed  # the end was masked for the first 5 tokens
+    assert set(c.token_ids[:t]) <= allowed  # any later proposal would have ended thinking
+    assert c.token_ids[t:t + len(end)] == end
+    rounds = generate_in_rounds(engine, [_ids(engine, PROMPT)], [p])[0][0]
+    assert rounds.token_ids == c.token_ids and rounds.budget == c.budget
+
+
+def test_max_budget_forces_delimiter_at_exact_position(engine):
+    b = BudgetConfig(max_thinking_tokens=6, min_thinking_tokens=6, extension="", max_answer_tokens=4)
+    p = SamplingConfig(temperature=0.0, max_new_tokens=64, budget=b, ignore_eos=True)
+    c = engine.generate([PROMPT], p)[0].completions[0]
+    end = _ids(engine, b.think_end)
+    assert c.token_ids[6:6 + len(end)] == end
+    assert c.budget["thinking_tokens"] == 6 and c.budget["capped"] is True
+    assert c.budget["answer_tokens"] == 4 and c.finish_reason == "length"
+    assert len(c.token_ids) == 6 + len(end) + 4
+    assert c.reasoning is not None and c.answer is not None
+
+
+def test_hard_limit_bounds_the_whole_completion(engine):
+    b = BudgetConfig(min_thinking_tokens=10, max_thinking_tokens=10, extension="")
+    p = SamplingConfig(temperature=0.0, max_new_tokens=12, budget=b, ignore_eos=True)
+    c = engine.generate([PROMPT], p)[0].completions[0]
+    assert len(c.token_ids) == 12 and c.finish_reason == "length"
+    assert c.budget["thinking_tokens"] == 10 and c.budget["control_tokens"] == 2
+
+
+def test_mixed_budgets_in_one_batch_match_single_requests(engine):
+    budgets = [BudgetConfig(max_thinking_tokens=3, min_thinking_tokens=3, extension=""),
+               BudgetConfig(max_thinking_tokens=9, min_thinking_tokens=9, extension="", answer_cue="Answer:"),
+               BudgetConfig(num_extensions=3, extension="Wait", max_thinking_tokens=20),
+               None]
+    prompts = ["The river flows", "A long time ago in a city", "Numbers", "Plain decoding here"]
+    params = [SamplingConfig(temperature=0.0, max_new_tokens=24, budget=b, stop_token_ids=[5, 9, 17])
+              for b in budgets]
+    together = engine.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, together):
+        alone = engine.generate([prompt], p)[0]
+        assert out.completions[0].token_ids == alone.completions[0].token_ids
+        assert out.completions[0].budget == alone.completions[0].budget
+    assert together[0].completions[0].budget["thinking_tokens"] == 3
+    assert together[1].completions[0].budget["thinking_tokens"] == 9
+    assert together[2].completions[0].budget["extensions"] <= 3
+    assert together[3].completions[0].budget is None
+
+
+def test_sampled_rows_respect_budgets(engine):
+    b = BudgetConfig(max_thinking_tokens=8, min_thinking_tokens=8, extension="")
+    p = SamplingConfig(temperature=1.0, seed=3, n=4, max_new_tokens=20, budget=b, ignore_eos=True)
+    out = engine.generate([PROMPT], p)[0]
+    end = _ids(engine, b.think_end)
+    assert len(out.completions) == 4
+    for c in out.completions:
+        assert c.token_ids[8:8 + len(end)] == end and c.budget["thinking_tokens"] == 8
+    assert len({tuple(c.token_ids) for c in out.completions}) > 1  # samples differ
+    again = engine.generate([PROMPT], p)[0]
+    assert [c.token_ids for c in again.completions] == [c.token_ids for c in out.completions]
+
+
+@pytest.mark.parametrize("budget", [
+    BudgetConfig(num_extensions=2, extension="Wait"),
+    BudgetConfig(min_thinking_tokens=7, max_thinking_tokens=7, extension="Wait", answer_cue="Final Answer:"),
+    BudgetConfig(max_thinking_tokens=4, extension="Wait", num_extensions=9, answer_cue="Answer:"),
+])
+def test_round_driver_matches_the_decode_policy(engine, budget):
+    """The vLLM path (rounds through engine.generate) and the per-token policy agree."""
+    p = _all_stop(engine, budget)
+    ids = _ids(engine, PROMPT)
+    direct = engine.generate([ids], p)[0].completions[0]
+    rounds = generate_in_rounds(engine, [ids], [p])[0][0]
+    assert rounds.token_ids == direct.token_ids
+    assert rounds.budget == direct.budget
+    assert rounds.finish_reason == direct.finish_reason
+
+
+def test_round_driver_matches_on_natural_stops(engine):
+    """Greedy decoding with a few real stop ids: triggers arise where the model puts them."""
+    ids = _ids(engine, "Once upon a time")
+    plain = engine.generate([ids], SamplingConfig(temperature=0.0, max_new_tokens=30, ignore_eos=True))[0]
+    stops = sorted(set(plain.completions[0].token_ids[2:6]))  # tokens the model does produce
+    for b in (BudgetConfig(num_extensions=2, extension="Wait", max_thinking_tokens=25),
+              BudgetConfig(max_thinking_tokens=12, answer_cue="Answer:", max_answer_tokens=5)):
+        p = SamplingConfig(temperature=0.0, max_new_tokens=40, stop_token_ids=stops, budget=b)
+        direct = engine.generate([ids], p)[0].completions[0]
+        rounds = generate_in_rounds(engine, [ids], [p])[0][0]
+        assert rounds.token_ids == direct.token_ids and rounds.budget == direct.budget
+
+
+def test_budget_tokens_include_delimiter_and_stops(engine):
+    b = BudgetConfig()
+    p = SamplingConfig(stop_token_ids=[7])
+    toks = budget_tokens(engine, b, p)
+    assert toks.think_end[0] in toks.triggers and 7 in toks.triggers
+    assert engine.eos_ids <= toks.triggers
+
+
+def test_budget_config_rejects_inconsistent_settings():
+    with pytest.raises(ValueError):
+        BudgetConfig(min_thinking_tokens=10, max_thinking_tokens=5)
+    with pytest.raises(ValueError):
+        BudgetConfig(num_extensions=2, extension="")
+    with pytest.raises(ValueError):
+        BudgetConfig(max_thinking_tokens=-1)
