@@ -4,6 +4,7 @@
     selftaught sbp --config examples/sbp/tiny.yaml
     selftaught data prepare [--out data] [--set data.wiki_limit=500 ...]
     selftaught generate --model smollm2-135m-instruct --prompt "..." [--chat] [--set sampling.max_new_tokens=64]
+    selftaught serve [--config examples/s1/serve.yaml] [--model PATH] [--port 8000] [--set serve.x=...]
     selftaught serve generate --model PATH [--port 8000]
     selftaught models [--size tiny]
     selftaught config show --config X [--set ...]
@@ -137,6 +138,38 @@ def cmd_serve_generate(args) -> int:
     return 0
 
 
+def cmd_serve_openai(args) -> int:
+    """``selftaught serve``: the OpenAI-compatible app on the embedded (or a running) Ray."""
+    import time
+
+    from ray import serve
+
+    from selftaught.config import apply_overrides, load_yaml
+    from selftaught.runtime import init_ray
+    from serve.config import ServeAppConfig
+    from serve.openai_app import base_url, run_openai_app
+
+    data = load_yaml(args.config) if args.config else {}
+    flags = []
+    if args.model:
+        flags.append(f"serve.engine.model={args.model}")
+    if args.host:
+        flags.append(f"serve.host={args.host}")
+    if args.port:
+        flags.append(f"serve.port={args.port}")
+    cfg = ServeAppConfig.model_validate(apply_overrides(data, [*flags, *args.overrides]))
+    cfg.serve.api_keys()  # fail here, not in a replica, when the key variable is empty
+    init_ray(cfg.ray)
+    run_openai_app(cfg.serve)
+    log.info("serving %s at %s (Ctrl-C to stop)", cfg.serve.model_id(), base_url(cfg.serve))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def cmd_models(args) -> int:
     from selftaught.models import MODEL_SIZES, PACKAGED_MODELS
 
@@ -191,8 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("serve", help="run Serve applications")
-    ssub = p.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("serve", help="the OpenAI-compatible Serve app (or: serve generate)")
+    _config_args(p)
+    p.add_argument("--model", "-m", help="packaged model name or checkpoint (serve.engine.model)")
+    p.add_argument("--host", help="bind address (serve.host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
+    p.set_defaults(fn=cmd_serve_openai)
+    ssub = p.add_subparsers(dest="what")
     s = ssub.add_parser("generate", help="the engine behind POST /generate")
     engine_args(s)
     s.add_argument("--host", default="127.0.0.1")

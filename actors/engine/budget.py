@@ -190,6 +190,12 @@ class BudgetForcing:
     def text_start(self, row) -> int:
         return self.usage.thinking_tokens + self.usage.control_tokens
 
+    def partial(self, row, engine) -> tuple[str, str]:
+        """(reasoning, answer) decoded so far, for streaming."""
+        t, c = self.usage.thinking_tokens, self.usage.control_tokens
+        dec = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return dec(row.tokens[:t]), (dec(row.tokens[t + c:]) if self.phase == "answer" else "")
+
     def completion(self, row, engine) -> Completion:
         return assemble(engine.tokenizer, row.tokens, self.usage, row.finish_reason,
                         row.stop_reason, row.params.stop)

@@ -68,6 +68,10 @@ class DecodePolicy:
         """Index of the first generated token that stop strings are matched against."""
         return 0
 
+    def partial(self, row: RowState, engine: "TransformersEngine") -> tuple[str | None, str]:
+        """(reasoning, text) decoded so far, for streaming; plain decoding has no reasoning."""
+        return None, engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
     def after_token(self, row: RowState, token: int, engine: "TransformersEngine") -> bool:
         """Return True when the row is finished by ``token``."""
         p = row.params

@@ -1,0 +1,317 @@
+"""The OpenAI wire format for the Serve app: request models, validation, response shapes.
+
+Pure functions and pydantic models (no Ray), so the protocol is tested without a cluster.
+Requests follow the OpenAI API; fields the engine cannot honour (tools, logprobs, penalties)
+are refused with a 400 naming the field rather than silently ignored, since a client that
+sends them expects their effect. Fields no version of the API defines are ignored with a
+warning, as vLLM does, so newer clients keep working. Extra body fields (``extra_body`` in the
+``openai`` client) carry engine settings: ``budget_forcing`` (a :class:`BudgetConfig`),
+``top_k``, ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.engine.base import Completion, GenerationOutput
+from selftaught.config import BudgetConfig, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(e: ValidationError) -> OpenAIError:
+    """The first pydantic error as a 400 that names the offending field."""
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    return OpenAIError(f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")), param=loc or None)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, refusal ... carry nothing we use
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+# Fields of the OpenAI API this server knows and accepts (with or without effect).
+_KNOWN_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities",
+                  "prediction", "audio", "reasoning_effort", "web_search_options", "safety_identifier",
+                  "prompt_cache_key", "verbosity"}
+
+
+class _Common(_Open):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    # extra body: engine settings
+    top_k: int | None = Field(default=None, ge=-1)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    budget_forcing: BudgetConfig | Literal[False] | None = None
+
+    def unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise OpenAIError(f"{name} is not supported by this server; send 0 or leave it out", param=name)
+        if self.logit_bias:
+            raise OpenAIError("logit_bias is not supported by this server", param="logit_bias")
+        unknown = sorted(set(self.model_extra or {}) - _KNOWN_IGNORED)
+        if unknown:
+            log.warning("ignoring unknown request fields %s", unknown)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if len(stops) > 16:
+            raise OpenAIError("at most 16 stop sequences", param="stop")
+        return [s for s in stops if s]
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise OpenAIError("logprobs are not supported by this server", param="logprobs")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise OpenAIError(f"{name} (function calling) is not supported by this server", param=name)
+        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
+            raise OpenAIError("tool_choice needs tools, which this server does not support", param="tool_choice")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise OpenAIError("only response_format {'type': 'text'} is supported", param="response_format")
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.echo:
+            raise OpenAIError("echo is not supported by this server", param="echo")
+        if self.logprobs:
+            raise OpenAIError("logprobs are not supported by this server", param="logprobs")
+        if self.suffix:
+            raise OpenAIError("suffix (insertion) is not supported by this server", param="suffix")
+        if self.best_of not in (None, self.n):
+            raise OpenAIError("best_of must equal n (no server-side ranking)", param="best_of")
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # one prompt as token ids
+        return list(p)
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+def parse(cls: type[_Common], body: Any) -> _Common:
+    if not isinstance(body, dict):
+        raise OpenAIError("the request body must be a JSON object")
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    req.unsupported()
+    return req
+
+
+class Limits(BaseModel):
+    """What one request may ask of the server (from ``ServeConfig``)."""
+
+    max_model_len: int
+    default_max_tokens: int
+    max_tokens_limit: int
+    max_n: int
+
+
+def sampling_for(req: _Common, limits: Limits, prompt_tokens: int, budget: BudgetConfig | None,
+                 control_tokens: int = 0) -> SamplingConfig:
+    """The engine settings of a request, refusing what cannot be served: ``n`` over the limit,
+    budgets or ``max_tokens`` over ``max_tokens_limit``, prompts that leave no room in the
+    context (OpenAI's ``context_length_exceeded``). Without ``max_tokens`` a budget-forced
+    request may use its thinking cap plus the delimiters plus its answer limit."""
+    if req.n > limits.max_n:
+        raise OpenAIError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
+    cap = limits.max_tokens_limit
+    if budget is not None:
+        for name in ("max_thinking_tokens", "min_thinking_tokens", "max_answer_tokens"):
+            v = getattr(budget, name)
+            if v is not None and v > cap:
+                raise OpenAIError(f"budget_forcing.{name}={v} exceeds this server's limit of {cap} tokens",
+                                  param=f"budget_forcing.{name}")
+    room = limits.max_model_len - prompt_tokens
+    if room <= 0:
+        raise OpenAIError(f"the prompt has {prompt_tokens} tokens; this model's context is "
+                          f"{limits.max_model_len} tokens", param="messages", code="context_length_exceeded")
+    asked = req.token_limit()
+    if asked is not None:
+        if asked > cap:
+            raise OpenAIError(f"max_tokens={asked} exceeds this server's limit of {cap}", param="max_tokens")
+        if asked > room:
+            raise OpenAIError(f"the prompt has {prompt_tokens} tokens and max_tokens is {asked}: this "
+                              f"model's context is {limits.max_model_len} tokens", param="max_tokens",
+                              code="context_length_exceeded")
+        max_new = asked
+    elif budget is not None:
+        think = budget.max_thinking_tokens if budget.max_thinking_tokens is not None else max(
+            limits.default_max_tokens, budget.min_thinking_tokens + limits.default_max_tokens // 2)
+        max_new = min(room, cap, think + control_tokens + (budget.max_answer_tokens or limits.default_max_tokens))
+    else:
+        max_new = min(room, limits.default_max_tokens)
+    if budget is not None and budget.min_thinking_tokens >= max_new:
+        raise OpenAIError(f"budget_forcing.min_thinking_tokens={budget.min_thinking_tokens} leaves no room "
+                          f"for an answer within max_tokens={max_new}", param="budget_forcing.min_thinking_tokens")
+    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+    try:
+        return SamplingConfig(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, max_new_tokens=max_new,
+            min_new_tokens=min(req.min_tokens, max_new), stop=req.stops(),
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, seed=req.seed,
+            n=req.n, budget=budget)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+# ---------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def message_parts(c: Completion, budget: bool) -> tuple[str | None, str]:
+    """(reasoning, content) of a completion: with budget forcing the content is the answer."""
+    if budget and c.answer is not None:
+        return c.reasoning, c.answer
+    return None, c.text
+
+
+def usage(outputs: list[GenerationOutput]) -> dict[str, Any]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    comps = [c for o in outputs for c in o.completions]
+    completion = sum(c.num_tokens for c in comps)
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if any(c.budget for c in comps):
+        out["completion_tokens_details"] = {
+            "reasoning_tokens": sum((c.budget or {}).get("thinking_tokens", 0) for c in comps)}
+    return out
+
+
+def chat_response(rid: str, created: int, model: str, out: GenerationOutput, budget: bool) -> dict[str, Any]:
+    choices = []
+    for i, c in enumerate(out.completions):
+        reasoning, content = message_parts(c, budget)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": c.finish_reason,
+                                  "logprobs": None}
+        if c.budget is not None:
+            choice["budget"] = c.budget
+        choices.append(choice)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage([out])}
+
+
+def completion_response(rid: str, created: int, model: str, outputs: list[GenerationOutput]) -> dict[str, Any]:
+    choices = []
+    for k, out in enumerate(outputs):
+        n = len(out.completions)
+        for s, c in enumerate(out.completions):
+            choice: dict[str, Any] = {"index": k * n + s, "text": c.text, "finish_reason": c.finish_reason,
+                                      "logprobs": None}
+            if c.budget is not None:
+                choice["budget"] = c.budget
+            choices.append(choice)
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(outputs)}
+
+
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any],
+               finish_reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None, **(extra or {})}
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+
+
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
+                     finish_reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None, **(extra or {})}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, outputs: list[GenerationOutput]) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(outputs)}
