@@ -76,8 +76,11 @@ class GenerateBatch:
     """Ray Data callable: adds ``generated_text`` (and token counts) to each row.
 
     The prompt is taken from ``prompt_column``; an optional ``sampling_column`` holds per-row
-    sampling overrides as JSON. With ``n > 1`` each input row yields ``n`` output rows
-    (``sample_index`` tells them apart)."""
+    sampling overrides as JSON (a ``budget`` among them makes that row budget-forced: rows with
+    different budgets share engine batches). With ``n > 1`` each input row yields ``n`` output
+    rows (``sample_index`` tells them apart). Budget-forced rows fill ``generated_reasoning``,
+    ``generated_answer`` and ``generated_budget`` (the token accounting as JSON); plain rows have
+    an empty reasoning and budget and the whole text as answer, so every batch has one schema."""
 
     def __init__(self, engine_cfg: dict, sampling: dict | None = None, prompt_column: str = "prompt",
                  sampling_column: str | None = None, num_cpus: float | None = None,
@@ -94,14 +97,15 @@ class GenerateBatch:
             if self.sampling_column and batch.get(self.sampling_column) is not None:
                 raw = batch[self.sampling_column][i]
                 over = json.loads(raw) if isinstance(raw, str) and raw else (raw or {})
-            params.append(self.sampling.model_copy(update=over) if over else self.sampling)
+            params.append(SamplingConfig.model_validate({**self.sampling.model_dump(), **over})
+                          if over else self.sampling)
         if self.chat:
             outs = self.host.engine.chat([json.loads(p) if isinstance(p, str) else p for p in prompts], params)
         else:
             outs = self.host.engine.generate([p if isinstance(p, str) else list(p) for p in prompts], params)
         cols: dict[str, list] = {k: [] for k in batch}
-        extra = {"generated_text": [], "sample_index": [], "prompt_tokens": [],
-                 "completion_tokens": [], "finish_reason": []}
+        extra = {"generated_text": [], "sample_index": [], "prompt_tokens": [], "completion_tokens": [],
+                 "finish_reason": [], "generated_reasoning": [], "generated_answer": [], "generated_budget": []}
         for i, o in enumerate(outs):
             for s, c in enumerate(o.completions):
                 for k in batch:
@@ -111,6 +115,9 @@ class GenerateBatch:
                 extra["prompt_tokens"].append(len(o.prompt_token_ids))
                 extra["completion_tokens"].append(c.num_tokens)
                 extra["finish_reason"].append(c.finish_reason)
+                extra["generated_reasoning"].append(c.reasoning or "")
+                extra["generated_answer"].append(c.text if c.answer is None else c.answer)
+                extra["generated_budget"].append(json.dumps(c.budget) if c.budget is not None else "")
         return {**cols, **extra}
 
 

@@ -44,13 +44,19 @@ def test_ray_data_map_batches(ray_cluster, engine_cfg, local_outputs):
 
     rows = [{"prompt": p, "id": i, "sampling": json.dumps({"n": 2, "temperature": 1.0, "seed": i})
              if p == "gamma" else ""} for i, p in enumerate(["alpha", "beta", "gamma"])]
+    budget = {"min_thinking_tokens": 3, "max_thinking_tokens": 3, "extension": "", "max_answer_tokens": 2}
+    rows.append({"prompt": "delta", "id": 3, "sampling": json.dumps({"max_new_tokens": 12, "budget": budget})})
     ds = generate_dataset(ray.data.from_items(rows), engine_cfg, GREEDY, num_actors=1, batch_size=2,
                           sampling_column="sampling")
     out = sorted(ds.take_all(), key=lambda r: (r["id"], r["sample_index"]))
-    assert [r["id"] for r in out] == [0, 1, 2, 2]
+    assert [r["id"] for r in out] == [0, 1, 2, 2, 3]
     assert out[0]["generated_text"] == local_outputs["alpha"]
     assert out[1]["generated_text"] == local_outputs["beta"]
-    assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in out)
+    assert all(r["completion_tokens"] == 6 and r["finish_reason"] == "length" for r in out[:4])
+    assert out[0]["generated_budget"] == "" and out[0]["generated_answer"] == out[0]["generated_text"]
+    used = json.loads(out[4]["generated_budget"])  # a budget-forced row batched with plain ones
+    assert used["thinking_tokens"] == 3 and used["capped"] and used["answer_tokens"] <= 2
+    assert out[4]["generated_text"].startswith(out[4]["generated_reasoning"])
 
 
 def _free_port() -> int:

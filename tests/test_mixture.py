@@ -118,3 +118,16 @@ def test_labels_ignore_exactly_the_masked_tokens():
     inputs, labels = labels_from(ids, mask)
     assert inputs.tolist() == [list(range(9))]
     assert labels.tolist() == [[-100, -100, 3, 4, -100, 6, 7, 8, -100]]
+
+
+def test_chat_masks_can_exclude_the_thinking_marker(tiny_lm_dir):
+    """s1 SFT: the start-of-thinking marker is prompt at inference, so it carries no loss."""
+    tok = load_tokenizer(tiny_lm_dir)
+    marker = "<|im_start|>think\n"
+    conv = [{"role": "user", "content": "1 + 2 + 3 ="},
+            {"role": "assistant", "content": f"{marker}1 + 2 = 3\n3 + 3 = 6\n<|im_start|>answer\n6"}]
+    ids, masks, _ = tokenize_chat(tok, [conv], seq_len=256, assistant_prefix=marker)
+    _, masks_all, _ = tokenize_chat(tok, [conv], seq_len=256)
+    text = tok.decode(ids[0][masks[0] == 1])
+    assert text.lstrip().startswith("1 + 2") and "3 + 3 = 6" in text and "answer" in text
+    assert "think" not in text and 0 < masks[0].sum() < masks_all[0].sum()

@@ -77,11 +77,13 @@ def tokenize_pairs(tokenizer, pairs: Iterable[tuple[str, str]], seq_len: int, se
 
 
 def tokenize_chat(tokenizer, conversations: Iterable[Sequence[dict]], seq_len: int,
+                  assistant_prefix: str = "",
                   ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
     """SFT examples rendered with the tokenizer's chat template; loss only on the assistant
-    turns' tokens (their content and end-of-turn marker, not the role header). Conversations
-    longer than the window are skipped and counted (cutting a reasoning trace teaches the model
-    to stop mid-thought)."""
+    turns' tokens (their content and end-of-turn marker, not the role header). An assistant turn
+    starting with ``assistant_prefix`` (s1's start-of-thinking marker, which inference puts in
+    the prompt) has that prefix masked too. Conversations longer than the window are skipped
+    and counted (cutting a reasoning trace teaches the model to stop mid-thought)."""
     L = seq_len + 1
     ids_out, masks_out, skipped = [], [], {}
 
@@ -103,6 +105,8 @@ def tokenize_chat(tokenizer, conversations: Iterable[Sequence[dict]], seq_len: i
             if m["role"] != "assistant":
                 continue
             start = len(tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True))
+            if assistant_prefix and m["content"].startswith(assistant_prefix):
+                start += len(assistant_prefix)
             end = len(tokenizer.apply_chat_template(msgs[:i + 1], tokenize=False))
             spans.append((start, end))
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)

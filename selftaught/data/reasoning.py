@@ -39,11 +39,15 @@ def reasoning_gym_version() -> str:
 
 
 @lru_cache(maxsize=64)
-def _dataset(task: str, size: int, seed: int) -> Any:
-    """One dataset object per (task, size, seed): generation and scoring share it."""
+def _dataset_cached(task: str, size: int, seed: int, config_json: str) -> Any:
     import reasoning_gym
 
-    return reasoning_gym.create_dataset(task, size=size, seed=seed)
+    return reasoning_gym.create_dataset(task, size=size, seed=seed, **json.loads(config_json))
+
+
+def _dataset(task: str, size: int, seed: int, config: dict | None = None) -> Any:
+    """One dataset object per (task, size, seed, config): generation and scoring share it."""
+    return _dataset_cached(task, size, seed, json.dumps(config or {}, sort_keys=True))
 
 
 def _json_exact(obj: Any) -> bool:
@@ -53,8 +57,11 @@ def _json_exact(obj: Any) -> bool:
         return False
 
 
-def build_reasoning(tasks: list[str], size: int, seed: int = 0) -> tuple[list[dict], BuildStats]:
+def build_reasoning(tasks: list[str], size: int, seed: int = 0,
+                    task_config: dict[str, dict] | None = None) -> tuple[list[dict], BuildStats]:
     """``size`` problems per task, deterministic in ``seed``; ids are ``<task>/<seed>/<index>``.
+    ``task_config`` passes generator settings per task (e.g. ``{"chain_sum": {"max_terms": 4}}``);
+    they are stored with each row, so scoring rebuilds the same generator.
 
     An unknown task name is an error (a typo must not silently shrink an evaluation). A
     problem whose generator raises is ``skipped_malformed``; one with an empty question or
@@ -66,7 +73,8 @@ def build_reasoning(tasks: list[str], size: int, seed: int = 0) -> tuple[list[di
     stats = BuildStats("reasoning")
     rows: list[dict] = []
     for task in tasks:
-        ds = _dataset(task, size, seed)
+        config = (task_config or {}).get(task) or {}
+        ds = _dataset(task, size, seed, config)
         for i in progress(range(size), f"reasoning {task}"):
             stats["read"] += 1
             try:
@@ -79,7 +87,8 @@ def build_reasoning(tasks: list[str], size: int, seed: int = 0) -> tuple[list[di
             if not str(question or "").strip() or answer is None or not str(answer).strip():
                 stats["skipped_empty"] += 1
                 continue
-            meta = {"size": size, "seed": seed, "index": i, "exact": _json_exact(entry), "entry": entry}
+            meta = {"size": size, "seed": seed, "index": i, "exact": _json_exact(entry), "entry": entry,
+                    **({"config": config} if config else {})}
             rows.append({"id": f"{task}/{seed}/{i}", "task": task, "question": str(question),
                          "answer": str(answer), "metadata": json.dumps(meta, default=str)})
             stats["kept"] += 1
@@ -93,7 +102,7 @@ def entry_of(row: dict) -> dict:
     meta = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
     if meta.get("exact", True) and "entry" in meta:
         return meta["entry"]
-    return _dataset(row["task"], meta["size"], meta["seed"])[meta["index"]]
+    return _dataset(row["task"], meta["size"], meta["seed"], meta.get("config"))[meta["index"]]
 
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
@@ -133,7 +142,7 @@ def score_answer(row: dict, answer_text: str, extract: bool = True, binary: bool
     cuts the answer out of a full solution."""
     answer = extract_answer(answer_text) if extract else answer_text
     meta = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
-    ds, entry = _dataset(row["task"], meta["size"], meta["seed"]), entry_of(row)
+    ds, entry = _dataset(row["task"], meta["size"], meta["seed"], meta.get("config")), entry_of(row)
     try:
         score = float(ds.score_answer(answer, entry))
     except Exception as e:  # a verifier that chokes on garbage means the answer is wrong

@@ -1,0 +1,114 @@
+"""Step-by-step reasoning traces for verifiable arithmetic tasks, and the s1 SFT format.
+
+A trace is written by evaluating the problem's expression one operation at a time, in the
+order a careful person would (parentheses first, then ``*``/``/`` left to right, then ``+``/``-``
+left to right); each step is one line ``a op b = c``. The result is checked against the task's
+own answer, so a trace is never wrong. The number of steps grows with the expression, which
+gives the curation's length criterion and the thinking budget something real to act on.
+
+SFT format (s1): the assistant turn is ``think_start + trace + "\\n" + think_end + answer``. At
+inference, budget forcing appends ``think_start`` to the prompt and controls when
+``think_end`` comes, so training masks ``think_start`` out of the loss (it is prompt, not
+output) and trains on the reasoning and the answer.
+"""
+from __future__ import annotations
+
+import ast
+import json
+from fractions import Fraction
+from typing import Any
+
+from selftaught.config import BudgetConfig
+
+ARITHMETIC_TASKS = ("chain_sum", "basic_arithmetic", "products")
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+
+def _fmt(v: Fraction) -> str:
+    if v.denominator == 1:
+        return str(v.numerator)
+    return f"{float(v):.6g}"
+
+
+def arithmetic_steps(expression: str) -> tuple[list[str], Fraction]:
+    """The expression's operations as lines ``a op b = c`` and its exact value."""
+    tree = ast.parse(expression.strip().rstrip("=").strip(), mode="eval").body
+    steps: list[str] = []
+
+    def ev(node: ast.AST) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return Fraction(node.value).limit_denominator()
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            a, b = ev(node.left), ev(node.right)
+            op = _OPS[type(node.op)]
+            if op == "/" and b == 0:
+                raise ZeroDivisionError(expression)
+            v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
+            steps.append(f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(v)}")
+            return v
+        raise ValueError(f"unsupported expression element {ast.dump(node)[:60]}")
+
+    value = ev(tree)
+    if not steps:
+        steps.append(f"The value is {_fmt(value)}")
+    return steps, value
+
+
+def expression_of(row: dict) -> str | None:
+    """The arithmetic expression behind a reasoning-gym row (from its stored generator entry)."""
+    meta = json.loads(row["metadata"]) if isinstance(row.get("metadata"), str) else row.get("metadata") or {}
+    entry = meta.get("entry") or {}
+    expr = (entry.get("metadata") or {}).get("expression")
+    return expr if isinstance(expr, str) and expr.strip() else None
+
+
+def add_traces(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Rows with a ``trace`` column (and ``domain``). Rows whose expression cannot be traced or
+    whose traced value disagrees with the task's answer are dropped and counted."""
+    out, dropped = [], {"no_expression": 0, "untraceable": 0, "disagrees_with_answer": 0}
+    for row in rows:
+        expr = expression_of(row)
+        if expr is None:
+            dropped["no_expression"] += 1
+            continue
+        try:
+            steps, value = arithmetic_steps(expr)
+        except (ValueError, SyntaxError, ZeroDivisionError):
+            dropped["untraceable"] += 1
+            continue
+        try:
+            agrees = Fraction(str(row["answer"]).strip()) == value
+        except (ValueError, ZeroDivisionError):
+            agrees = False
+        if not agrees:
+            dropped["disagrees_with_answer"] += 1
+            continue
+        out.append({**row, "trace": "\n".join(steps), "num_steps": len(steps), "domain": row.get("task", "unknown")})
+    return out, dropped
+
+
+def sft_conversation(row: dict, budget: BudgetConfig) -> list[dict[str, str]]:
+    """One training conversation in the s1 format (see the module docstring)."""
+    trace = row["trace"].rstrip("\n")
+    return [{"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": f"{budget.think_start}{trace}\n{budget.think_end}{row['answer']}"}]
+
+
+def majority(answers: list[str]) -> str:
+    """The most common non-empty answer (ties go to the earliest)."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        a = a.strip()
+        if a:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return ""
+    best = max(counts.values())
+    return next(a.strip() for a in answers if a.strip() and counts[a.strip()] == best)
+
+
+def summarize(values: list[Any]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
