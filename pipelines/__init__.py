@@ -9,6 +9,7 @@ from typing import Any, Callable
 PIPELINES: dict[str, str] = {
     "quickstart": "pipelines.quickstart",
     "sbp": "pipelines.sbp",
+    "s1": "pipelines.s1",
 }
 
 

@@ -109,16 +109,21 @@ def model_dir(stage: Stage) -> Path:
     return stage.path / "model" if (stage.path / "model" / "config.json").exists() else stage.path
 
 
-def train_stage(run: RunDir, name: str, train_cfg, init: Stage, sources: Callable[[], list],
+def train_stage(run: RunDir, name: str, train_cfg, init: Stage | Path, sources: Callable[[], list],
                 eval_docs: Callable[[], list] | None, deps: tuple[Stage, ...] = (), extra: dict | None = None) -> Stage:
-    """Train under Ray Train from ``init``'s model. An interrupted stage keeps its checkpoints
-    (same hash) and the loop resumes from the newest one."""
+    """Train under Ray Train from ``init``'s model (a stage, or a checkpoint directory such as
+    a packaged model). An interrupted stage keeps its checkpoints (same hash) and the loop
+    resumes from the newest one."""
     from trainers.ray_train import fit
 
-    st = run.stage(name, {"train": train_cfg, **(extra or {})}, deps=[init, *deps])
+    if isinstance(init, Stage):
+        deps, init_dir = (init, *deps), model_dir(init)
+    else:
+        init_dir = Path(init)
+        extra = {**(extra or {}), "init": str(init_dir)}
+    st = run.stage(name, {"train": train_cfg, **(extra or {})}, deps=list(deps))
     if not st.up_to_date():
         st.begin(keep_partial=True)
-        init_dir = model_dir(init)
         summary = fit(train_cfg, init_dir, sources(), eval_docs() if eval_docs else None, st.path,
                       run.root / "ray_train", name=f"{run.root.name}-{name}")
         for f in TOKENIZER_FILES:
