@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines.curation import CurationConfig, EngineSolver, curate, load_pool, write_curation
 from pipelines.stages import model_dir, train_stage
@@ -68,7 +68,9 @@ class SFTConfig(Strict):
 
 class EvalConfig(Strict):
     size_per_task: int = Field(default=20, ge=1)
-    seed: int = 7  # held out: another seed than the pool (overlapping questions are dropped)
+    # reasoning-gym draws item i from Random(seed + i): the held-out seed range must not meet the
+    # pool's (checked), and questions equal to a pool question are dropped as well
+    seed: int = 1_000_000
     caps: list[int] = [0, 4, 8, 16, 32]  # max_thinking_tokens, sequential scaling by truncation
     extensions: list[int] = [1, 2, 4]  # "Wait" extensions past the natural end
     votes: list[int] = [1, 2, 4, 8]  # majority voting over k samples, parallel scaling
@@ -93,6 +95,16 @@ class S1Config(Strict):
     reference: ReferenceConfig = ReferenceConfig()
     sft: SFTConfig = SFTConfig()
     eval: EvalConfig = EvalConfig()
+
+
+    @model_validator(mode="after")
+    def _held_out(self) -> "S1Config":
+        p, e = self.pool, self.eval
+        if e.seed < p.seed + p.size_per_task and p.seed < e.seed + e.size_per_task:
+            raise ValueError(f"eval.seed {e.seed} (+{e.size_per_task}) overlaps pool.seed {p.seed} "
+                             f"(+{p.size_per_task}): reasoning-gym item i comes from seed + i, so the "
+                             "evaluation would repeat training questions")
+        return self
 
 
 CONFIG = S1Config
@@ -223,6 +235,8 @@ def eval_stage(run: RunDir, cfg: S1Config, sft: Stage, pool: Stage) -> Stage:
     from actors.generator import generate_dataset
 
     questions, overlap = eval_questions(cfg, pool)
+    if not questions:
+        raise ValueError(f"all {overlap} evaluation questions also appear in the pool: choose another eval.seed")
     st = run.stage("eval", cfg.eval, deps=[sft, pool], inputs={"format": cfg.format.model_dump()})
     if st.up_to_date():
         return st

@@ -116,8 +116,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve_generate(args) -> int:
-    import time
-
     from ray import serve
 
     from selftaught.config import RayConfig
@@ -130,6 +128,15 @@ def cmd_serve_generate(args) -> int:
     serve.run(build_generate_app(engine_cfg, num_replicas=args.replicas), name="generate",
               route_prefix="/generate")
     log.info("serving %s at http://%s:%d/generate (Ctrl-C to stop)", engine_cfg.model, args.host, args.port)
+    return _serve_until_interrupted()
+
+
+def _serve_until_interrupted() -> int:
+    """Keep the driver (and so the Serve apps it started) alive until Ctrl-C."""
+    import time
+
+    from ray import serve
+
     try:
         while True:
             time.sleep(3600)
@@ -140,10 +147,6 @@ def cmd_serve_generate(args) -> int:
 
 def cmd_serve_openai(args) -> int:
     """``selftaught serve``: the OpenAI-compatible app on the embedded (or a running) Ray."""
-    import time
-
-    from ray import serve
-
     from selftaught.config import apply_overrides, load_yaml
     from selftaught.runtime import init_ray
     from serve.config import ServeAppConfig
@@ -162,12 +165,7 @@ def cmd_serve_openai(args) -> int:
     init_ray(cfg.ray)
     run_openai_app(cfg.serve)
     log.info("serving %s at %s (Ctrl-C to stop)", cfg.serve.model_id(), base_url(cfg.serve))
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-    return 0
+    return _serve_until_interrupted()
 
 
 def cmd_models(args) -> int:

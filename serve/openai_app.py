@@ -111,6 +111,7 @@ class OpenAIServer:
         self.streams_tokens = "on_token" in inspect.signature(self.engine.generate).parameters
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.created = proto.now()
+        self.stats = {"batches": 0, "requests": 0, "sequences": 0, "largest_batch": 0}  # on /health
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -198,6 +199,10 @@ class OpenAIServer:
                 per_job[j].append(ev)
             return per_job
 
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(jobs)
+        self.stats["sequences"] += len(prompts)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         fut = loop.run_in_executor(self.executor, run)
         while not fut.done():
             getter = asyncio.ensure_future(queue.get())
@@ -227,17 +232,20 @@ class OpenAIServer:
                 yield ev
 
     async def _outputs(self, job: Job) -> list[GenerationOutput]:
-        async for ev in self._events(job):
+        outs, error = None, None
+        async for ev in self._events(job):  # to the end: serve.batch hands every caller its end marker
             if ev[0] == "final":
-                return ev[1]
-            if ev[0] == "error":
-                raise proto.OpenAIError(ev[1], status=500, type="server_error")
-        raise proto.OpenAIError("the engine returned nothing", status=500, type="server_error")
+                outs = ev[1]
+            elif ev[0] == "error":
+                error = ev[1]
+        if error is not None or outs is None:
+            raise proto.OpenAIError(error or "the engine returned nothing", status=500, type="server_error")
+        return outs
 
     # ------------------------------------------------------------------ endpoints
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, **self.host.info()}
+        return {"status": "ok", "model": self.model_id, **self.host.info(), "batching": dict(self.stats)}
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "selftaught",

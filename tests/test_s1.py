@@ -105,3 +105,14 @@ def test_sft_conversation_and_majority():
     assert conv[1]["content"] == "<|im_start|>think\n1 + 2 = 3\n<|im_start|>answer\n3"
     assert majority(["4", "5", "5", "", "4"]) == "4"  # ties go to the first seen
     assert majority(["", " "]) == ""
+
+
+def test_eval_seed_range_must_not_meet_the_pool():
+    """reasoning-gym item i is drawn from seed + i: overlapping ranges repeat training questions."""
+    from pydantic import ValidationError
+
+    from pipelines.s1 import S1Config
+
+    with pytest.raises(ValidationError, match="overlaps"):
+        S1Config.model_validate({"pool": {"seed": 1, "size_per_task": 300}, "eval": {"seed": 7}})
+    S1Config.model_validate({"pool": {"seed": 1, "size_per_task": 300}, "eval": {"seed": 301}})
