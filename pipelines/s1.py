@@ -178,7 +178,6 @@ def sft_stage(run: RunDir, cfg: S1Config, curation: Stage) -> Stage:
     tok = load_tokenizer(base)
     rows = read_parquet(curation.path / "selected.parquet").to_pylist()
     ids, masks, skipped = sft_examples(rows, cfg, tok)
-    masks = [m.astype(np.uint8) for m in masks]
     if not ids:
         raise ValueError(f"no SFT example fits seq_len={cfg.sft.train.seq_len} (skipped: {skipped})")
     t = cfg.sft.train
@@ -234,12 +233,12 @@ def eval_stage(run: RunDir, cfg: S1Config, sft: Stage, pool: Stage) -> Stage:
 
     from actors.generator import generate_dataset
 
-    questions, overlap = eval_questions(cfg, pool)
-    if not questions:
-        raise ValueError(f"all {overlap} evaluation questions also appear in the pool: choose another eval.seed")
     st = run.stage("eval", cfg.eval, deps=[sft, pool], inputs={"format": cfg.format.model_dump()})
     if st.up_to_date():
         return st
+    questions, overlap = eval_questions(cfg, pool)
+    if not questions:
+        raise ValueError(f"all {overlap} evaluation questions also appear in the pool: choose another eval.seed")
     st.begin(keep_partial=True)
     parts = st.parts()
     engine = cfg.eval.engine.model_copy(update={"model": str(model_dir(sft))})

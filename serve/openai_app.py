@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from actors.engine.base import GenerationOutput, first_stop
+from actors.engine.budget import budget_tokens
 from selftaught.config import BudgetConfig, SamplingConfig
 from serve import openai_protocol as proto
 from serve.config import ServeConfig
@@ -148,8 +149,14 @@ class OpenAIServer:
             return req.budget_forcing
         return self.cfg.default_budget if chat else None
 
+    def _budget_tokens(self, budget: BudgetConfig):
+        """The budget's delimiters as token ids, from the engine's cache (the lengths do not
+        depend on the request's stop settings)."""
+        return budget_tokens(self.engine, budget, SamplingConfig())
+
     def _control_tokens(self, budget: BudgetConfig) -> int:
-        return self.engine.count_tokens(budget.think_end) + self.engine.count_tokens(budget.answer_cue or "")
+        toks = self._budget_tokens(budget)
+        return len(toks.think_end) + len(toks.cue)
 
     def _prompt_tokens(self, prompt: Any, budget: BudgetConfig | None) -> int:
         if isinstance(prompt, list):
@@ -159,7 +166,7 @@ class OpenAIServer:
             n = len(prompt)
         else:
             n = self.engine.count_tokens(prompt)
-        return n + (self.engine.count_tokens(budget.think_start) if budget is not None else 0)
+        return n + (len(self._budget_tokens(budget).think_start) if budget is not None else 0)
 
     # ------------------------------------------------------------------ the engine batch
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

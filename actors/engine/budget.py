@@ -107,6 +107,21 @@ def assemble(tokenizer, tokens: list[int], usage: BudgetUsage, finish_reason: st
                       reasoning=reasoning, answer=answer, budget=usage.to_dict())
 
 
+def thinking_room(cfg: BudgetConfig, usage: BudgetUsage) -> int | None:
+    """Thinking tokens left under ``max_thinking_tokens`` (None: no cap)."""
+    cap = cfg.max_thinking_tokens
+    return None if cap is None else cap - usage.thinking_tokens
+
+
+def extension_for(cfg: BudgetConfig, toks: BudgetTokens, usage: BudgetUsage) -> tuple[int, ...] | None:
+    """What replaces an attempt to stop thinking: the extension (cut at the cap) while the
+    minimum or the extension count is not reached, else None (thinking ends)."""
+    if toks.extension and (usage.thinking_tokens < cfg.min_thinking_tokens or usage.extensions < cfg.num_extensions):
+        room = thinking_room(cfg, usage)
+        return toks.extension if room is None else toks.extension[:room]
+    return None
+
+
 class BudgetForcing:
     """Per-row decode policy of the transformers engine (one instance per sample).
 
@@ -129,14 +144,10 @@ class BudgetForcing:
         self._queue(row, self.toks.think_end + (self.toks.cue if capped else ()), "ctl")
         self.phase, self.usage.capped = "control", capped
 
-    def _room(self) -> int | None:
-        cap = self.cfg.max_thinking_tokens
-        return None if cap is None else cap - self.usage.thinking_tokens
-
     def before_step(self, row, engine) -> None:
         if self.phase != "think":
             return
-        room = self._room()
+        room = thinking_room(self.cfg, self.usage)
         if room is not None and room <= 0:
             self._end_thinking(row, capped=True)
         elif (not row.forced and not self.toks.extension
@@ -147,12 +158,9 @@ class BudgetForcing:
         """The model proposed ``token``; queue replacements when it tries to stop thinking."""
         if self.phase != "think" or token not in self.toks.triggers:
             return
-        u, cfg = self.usage, self.cfg
-        if self.toks.extension and (u.thinking_tokens < cfg.min_thinking_tokens
-                                    or u.extensions < cfg.num_extensions):
-            room = self._room()
-            ext = self.toks.extension if room is None else self.toks.extension[:room]
-            u.extensions += 1
+        ext = extension_for(self.cfg, self.toks, self.usage)
+        if ext is not None:
+            self.usage.extensions += 1
             self._queue(row, ext, "ext")
         else:
             self._end_thinking(row, capped=False)
@@ -245,8 +253,7 @@ def generate_in_rounds(engine: "GenerationEngine", prompts: list[list[int]],
         thinking = [s for s in flat if s.phase == "think"]
         round_in: list[_Sample] = []
         for s in thinking:
-            cfg = s.params.budget
-            room = None if cfg.max_thinking_tokens is None else cfg.max_thinking_tokens - s.usage.thinking_tokens
+            room = thinking_room(s.params.budget, s.usage)
             if room is not None and room <= 0:
                 _close_thinking(s, capped=True)
             else:
@@ -256,8 +263,8 @@ def generate_in_rounds(engine: "GenerationEngine", prompts: list[list[int]],
         sp = []
         for s in round_in:
             cfg = s.params.budget
-            room = s.room_total if cfg.max_thinking_tokens is None else min(
-                s.room_total, cfg.max_thinking_tokens - s.usage.thinking_tokens)
+            cap_room = thinking_room(cfg, s.usage)
+            room = s.room_total if cap_room is None else min(s.room_total, cap_room)
             min_new = 0 if s.toks.extension else max(0, cfg.min_thinking_tokens - s.usage.thinking_tokens)
             sp.append(_round_params(s, max_new_tokens=room, min_new_tokens=min(min_new, room),
                                     stop_token_ids=sorted(s.toks.triggers), ignore_eos=True))
@@ -275,10 +282,9 @@ def generate_in_rounds(engine: "GenerationEngine", prompts: list[list[int]],
                 continue
             if not trigger:
                 continue  # the thinking budget ran out: capped at the top of the next round
-            cfg, u = s.params.budget, s.usage
-            if s.toks.extension and (u.thinking_tokens < cfg.min_thinking_tokens or u.extensions < cfg.num_extensions):
-                room = None if cfg.max_thinking_tokens is None else cfg.max_thinking_tokens - u.thinking_tokens
-                ext = s.toks.extension if room is None else s.toks.extension[:room]
+            u = s.usage
+            ext = extension_for(s.params.budget, s.toks, u)
+            if ext is not None:
                 before = len(s.tokens)
                 full = s.append(ext)
                 added = len(s.tokens) - before

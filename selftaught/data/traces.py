@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ast
 import json
+import operator
 from fractions import Fraction
-from typing import Any
 
 from selftaught.config import BudgetConfig
 
-ARITHMETIC_TASKS = ("chain_sum", "basic_arithmetic", "products")
-_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
+        ast.Div: ("/", operator.truediv)}  # division by zero raises ZeroDivisionError
 
 
 def _fmt(v: Fraction) -> str:
@@ -43,10 +43,8 @@ def arithmetic_steps(expression: str) -> tuple[list[str], Fraction]:
             return -v if isinstance(node.op, ast.USub) else v
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             a, b = ev(node.left), ev(node.right)
-            op = _OPS[type(node.op)]
-            if op == "/" and b == 0:
-                raise ZeroDivisionError(expression)
-            v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
+            op, fn = _OPS[type(node.op)]
+            v = fn(a, b)
             steps.append(f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(v)}")
             return v
         raise ValueError(f"unsupported expression element {ast.dump(node)[:60]}")
@@ -66,7 +64,7 @@ def expression_of(row: dict) -> str | None:
 
 
 def add_traces(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
-    """Rows with a ``trace`` column (and ``domain``). Rows whose expression cannot be traced or
+    """Rows with ``trace`` and ``num_steps`` columns. Rows whose expression cannot be traced or
     whose traced value disagrees with the task's answer are dropped and counted."""
     out, dropped = [], {"no_expression": 0, "untraceable": 0, "disagrees_with_answer": 0}
     for row in rows:
@@ -86,7 +84,7 @@ def add_traces(rows: list[dict]) -> tuple[list[dict], dict[str, int]]:
         if not agrees:
             dropped["disagrees_with_answer"] += 1
             continue
-        out.append({**row, "trace": "\n".join(steps), "num_steps": len(steps), "domain": row.get("task", "unknown")})
+        out.append({**row, "trace": "\n".join(steps), "num_steps": len(steps)})
     return out, dropped
 
 
@@ -108,7 +106,3 @@ def majority(answers: list[str]) -> str:
         return ""
     best = max(counts.values())
     return next(a.strip() for a in answers if a.strip() and counts[a.strip()] == best)
-
-
-def summarize(values: list[Any]) -> float:
-    return float(sum(values) / len(values)) if values else 0.0
