@@ -8,6 +8,10 @@
     selftaught serve generate --model PATH [--port 8000]
     selftaught models [--size tiny]
     selftaught config show --config X [--set ...]
+    selftaught research value -e nanogpt --idea "..." [--knobs '{"lr": 3e-3}'] [--ideas-file F] [-c research.yaml]
+    selftaught research baseline -e toy [--seeds 3]
+    selftaught research context -e grpo
+    selftaught research serve [-c examples/research/serve.yaml]
 
 Every command resolves one typed config (file + ``--set`` overrides, unknown keys are errors)
 and prints it on request; ``run`` saves it as ``config.yaml`` in the run directory.
@@ -168,6 +172,104 @@ def cmd_serve_openai(args) -> int:
     return _serve_until_interrupted()
 
 
+def _research_config(args):
+    from selftaught.config import apply_overrides, load_yaml
+    from envs.codebase import ResearchConfig
+
+    data = load_yaml(args.config) if args.config else {}
+    flags = []
+    if getattr(args, "env", None):
+        flags.append(f"env={args.env}")
+    if getattr(args, "env_dir", None):
+        flags.append(f"env_dir={args.env_dir}")
+    if getattr(args, "spec", None):
+        flags.append(f"spec_file={args.spec}")
+    cfg = ResearchConfig.model_validate(apply_overrides(data, [*flags, *args.overrides]))
+    return cfg
+
+
+def _open_env(cfg):
+    from envs.codebase import load_dir, load_packaged
+    from selftaught.runtime import init_ray
+
+    init_ray(cfg.ray)
+    if cfg.env_dir:
+        return load_dir(cfg.env_dir, cfg.spec_file, cfg.spec_overrides, cfg.executor)
+    return load_packaged(cfg.env, cfg.spec_file, cfg.spec_overrides, cfg.executor)
+
+
+def _read_ideas(args) -> list:
+    ideas: list = list(args.idea or [])
+    ideas += [{"knobs": json.loads(k)} for k in args.knobs or []]
+    if args.ideas_file:
+        text = Path(args.ideas_file).read_text()
+        if args.ideas_file.endswith(".jsonl"):
+            ideas += [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            ideas += [block.strip() for block in text.split("\n\n") if block.strip()]
+    return ideas
+
+
+def cmd_research_value(args) -> int:
+    """Run one batch of ideas end to end and print each result."""
+    cfg = _research_config(args)
+    ideas = _read_ideas(args)
+    if not ideas:
+        raise SystemExit("give --idea TEXT, --knobs JSON (repeatable) or --ideas-file FILE")
+    env = _open_env(cfg)
+    try:
+        results = env.value(ideas, timeout_s=args.timeout)
+    finally:
+        env.close()
+    for r in results:
+        d = r.to_dict()
+        if not args.verbose:
+            d = {k: d[k] for k in ("idea_id", "status", "stage", "reward", "error", "metrics", "wall_s")}
+            d["edit_lines"] = r.edit.count("\n")
+        print(json.dumps(d, default=str))
+    ok = sum(r.ok for r in results)
+    print(f"# {ok}/{len(results)} ideas executed with a valid result; run directory {env.run_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_research_baseline(args) -> int:
+    cfg = _research_config(args)
+    env = _open_env(cfg)
+    try:
+        rec = env.measure_baseline(seeds=range(args.seeds), timeout_s=args.timeout)
+    finally:
+        env.close()
+    print(json.dumps(rec, indent=2, default=str))
+    return 0
+
+
+def cmd_research_context(args) -> int:
+    from envs.codebase import load_dir, load_packaged
+
+    cfg = _research_config(args)
+    env = (load_dir(cfg.env_dir, cfg.spec_file, cfg.spec_overrides) if cfg.env_dir
+           else load_packaged(cfg.env, cfg.spec_file, cfg.spec_overrides))
+    print(env.context())
+    return 0
+
+
+def cmd_research_serve(args) -> int:
+    from selftaught.config import apply_overrides, load_yaml
+    from selftaught.runtime import init_ray
+    from serve.env_app import EnvServeAppConfig, env_base_url, run_env_app
+
+    data = load_yaml(args.config) if args.config else {}
+    flags = [f"serve.port={args.port}"] if args.port else []
+    cfg = EnvServeAppConfig.model_validate(apply_overrides(data, [*flags, *args.overrides]))
+    from serve.auth import keys_from_env
+
+    keys_from_env(cfg.serve.api_key_env)  # fail here, not in a replica, when the key variable is empty
+    init_ray(cfg.ray)
+    run_env_app(cfg.serve)
+    log.info("env.value for %s at %s (Ctrl-C to stop)", [e.name for e in cfg.serve.envs], env_base_url(cfg.serve))
+    return _serve_until_interrupted()
+
+
 def cmd_models(args) -> int:
     from selftaught.models import MODEL_SIZES, PACKAGED_MODELS
 
@@ -235,6 +337,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1)
     s.set_defaults(fn=cmd_serve_generate)
+
+    p = sub.add_parser("research", help="execution-grounded research: run ideas as experiments")
+    rsub = p.add_subparsers(dest="what", required=True)
+
+    def research_args(q, ideas: bool = False):
+        _config_args(q)
+        q.add_argument("--env", "-e", help="environment name (nanogpt, grpo, toy) or see --env-dir")
+        q.add_argument("--env-dir", help="your own environment directory (env.yaml, codebase/, evaluator)")
+        q.add_argument("--spec", help="spec file inside the environment (default env.yaml; paper.yaml: paper shape)")
+        q.add_argument("--timeout", type=float, default=None, help="seconds to wait for all results")
+        if ideas:
+            q.add_argument("--idea", "-i", action="append", help="a free-form idea (repeatable)")
+            q.add_argument("--knobs", "-k", action="append", help="a structured idea as JSON (repeatable)")
+            q.add_argument("--ideas-file", help=".jsonl of ideas, or text with ideas separated by blank lines")
+            q.add_argument("--verbose", "-v", action="store_true", help="print whole results (logs, edit)")
+
+    r = rsub.add_parser("value", help="execute a batch of ideas and print each result")
+    research_args(r, ideas=True)
+    r.set_defaults(fn=cmd_research_value)
+    r = rsub.add_parser("baseline", help="measure the unmodified codebase over seeds (baseline.json)")
+    research_args(r)
+    r.add_argument("--seeds", type=int, default=3)
+    r.set_defaults(fn=cmd_research_baseline)
+    r = rsub.add_parser("context", help="print what the ideator sees")
+    research_args(r)
+    r.set_defaults(fn=cmd_research_context)
+    r = rsub.add_parser("serve", help="env.value as an HTTP endpoint on Ray Serve")
+    _config_args(r)
+    r.add_argument("--port", type=int)
+    r.set_defaults(fn=cmd_research_serve)
 
     p = sub.add_parser("models", help="list named model sizes and packaged models")
     p.add_argument("--size")

@@ -1,7 +1,6 @@
 """Typed settings of the OpenAI-compatible Serve app (``selftaught serve``)."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -57,14 +56,9 @@ class ServeConfig(Strict):
 
     def api_keys(self) -> set[str]:
         """The accepted keys (empty: no key required)."""
-        if not self.api_key_env:
-            return set()
-        raw = os.environ.get(self.api_key_env, "")
-        keys = {k.strip() for k in raw.split(",") if k.strip()}
-        if not keys:
-            raise ValueError(f"serve.api_key_env={self.api_key_env} but that environment variable "
-                             "is empty: set it to one key or a comma-separated list")
-        return keys
+        from serve.auth import keys_from_env
+
+        return keys_from_env(self.api_key_env)
 
     def deployment_options(self) -> dict[str, Any]:
         actor = {"num_cpus": self.engine.cpus_per_actor}

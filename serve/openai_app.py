@@ -11,8 +11,6 @@ field; chat answers put the thinking in ``reasoning_content`` and the answer in 
 # No ``from __future__ import annotations``: FastAPI must see real types (``Request``) on the
 # methods Serve wraps, or it reads them as query parameters.
 import asyncio
-import hashlib
-import hmac
 import inspect
 import json
 import logging
@@ -28,6 +26,7 @@ from actors.engine.base import GenerationOutput, first_stop
 from actors.engine.budget import budget_tokens
 from selftaught.config import BudgetConfig, SamplingConfig
 from serve import openai_protocol as proto
+from serve.auth import authorize, hash_key
 from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -38,10 +37,6 @@ api = FastAPI(title="selftaught", description="OpenAI-compatible generation with
 @api.exception_handler(proto.OpenAIError)
 async def _openai_error(_: Request, e: proto.OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass
@@ -118,17 +113,7 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ plumbing
     def _authorize(self, request: Request) -> None:
-        if not self.key_hashes:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise proto.OpenAIError("missing API key: send 'Authorization: Bearer <key>'", status=401,
-                                    code="invalid_api_key", type="authentication_error")
-        digest = hash_key(key.strip())
-        if not any(hmac.compare_digest(digest, h) for h in self.key_hashes):
-            raise proto.OpenAIError("invalid API key", status=401, code="invalid_api_key",
-                                    type="authentication_error")
+        authorize(request.headers, self.key_hashes)
 
     async def _body(self, request: Request) -> Any:
         self._authorize(request)

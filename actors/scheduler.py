@@ -1,0 +1,359 @@
+"""The research-job scheduler: slots on Ray placement groups, a queue, bounded waits, retries.
+
+A *slot* is a placement group sized for one job (``{"CPU": c, "GPU": g}`` in one bundle,
+``STRICT_PACK``: an 8-GPU job starts only when all 8 GPUs of one node are reserved) plus a
+long-lived :class:`~actors.sandbox_worker.SandboxWorker` actor inside it, which runs jobs one at
+a time and sees exactly the slot's GPUs. Slots are made on demand up to ``max_slots`` per
+job shape; a slot whose placement group cannot be placed within ``placement_timeout_s``
+is given up (the autoscaler saw the demand meanwhile), and queued jobs wait for busy slots.
+
+Results stream back as they finish (:meth:`Scheduler.results`): the dispatcher thread waits on
+every running job at once with ``ray.wait``, so a straggler never holds up the next job.
+
+Failures are sorted by who caused them. The idea's own failures come back from the worker as
+``idea_failed`` and are final. Infrastructure failures (the worker actor died, its node was
+lost, the placement timed out, a job ran past its hard deadline so its worker was killed) are
+retried on a fresh slot up to ``max_infra_retries`` times, then reported as ``infra_failed``.
+Every wait is bounded: queueing (``queue_timeout_s``), placement, and each job's run
+(its own limits plus ``grace_s``).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from pydantic import Field
+
+from selftaught.config import Strict
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerConfig(Strict):
+    max_slots: int = Field(default=2, ge=1)  # workers per job shape (0 GPUs, 1 GPU, 8 GPUs ...)
+    placement_timeout_s: float = Field(default=120.0, gt=0)
+    queue_timeout_s: float = Field(default=3600.0, gt=0)  # a job waiting longer fails (infra)
+    max_infra_retries: int = Field(default=1, ge=0)
+    grace_s: float = Field(default=60.0, ge=0)  # beyond a job's own deadlines before its worker is killed
+    idle_shutdown_s: float | None = Field(default=300.0, gt=0)  # slots idle this long are released
+    keep_scratch: bool = False
+
+
+@dataclass
+class Job:
+    job_id: str
+    payload: dict[str, Any]
+    cpus: float
+    gpus: int
+    custom: dict[str, float]
+    deadline_s: float  # the longest the worker may take (run + evaluation + grace)
+    submitted: float = field(default_factory=time.monotonic)
+    sink: "queue.Queue | None" = None  # where this job's outcome goes (default: the scheduler's own queue)
+    tries: int = 0
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.cpus, self.gpus, tuple(sorted(self.custom.items())))
+
+
+@dataclass
+class Slot:
+    index: int
+    shape: tuple
+    pg: Any
+    ready_ref: Any
+    created: float = field(default_factory=time.monotonic)
+    actor: Any = None
+    job: Job | None = None
+    ref: Any = None
+    started: float = 0.0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    outcome: dict[str, Any]
+    tries: int
+    queued_s: float
+
+
+class Scheduler:
+    """Runs research jobs on sandbox-worker slots. Thread-safe ``submit``; ``results`` streams."""
+
+    def __init__(self, cfg: SchedulerConfig | None = None):
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("start Ray first (selftaught.runtime.init_ray)")
+        self.cfg = cfg or SchedulerConfig()
+        self._lock = threading.RLock()  # re-entrant: emits happen while slots are updated
+        self._pending: deque[Job] = deque()
+        self._slots: list[Slot] = []
+        self._done: "queue.Queue[JobOutcome]" = queue.Queue()
+        self._next_slot = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.stats = {"submitted": 0, "finished": 0, "infra_retries": 0, "slots_created": 0, "slots_lost": 0,
+                      "busy_s": 0.0, "placement_timeouts": 0}
+        self._thread = threading.Thread(target=self._loop, name="research-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+    def submit(self, job_id: str, payload: dict[str, Any], cpus: float = 1.0, gpus: int = 0,
+               custom: dict[str, float] | None = None, deadline_s: float = 600.0,
+               sink: "queue.Queue | None" = None) -> str:
+        """Queue a job. Its outcome goes to ``sink`` when given (several environments can share
+        one scheduler, each reading its own queue), else to :meth:`results` / :meth:`get`."""
+        job = Job(job_id, payload, float(cpus), int(gpus), dict(custom or {}), float(deadline_s), sink=sink)
+        with self._lock:
+            self._pending.append(job)
+            self.stats["submitted"] += 1
+        self._wake.set()
+        return job_id
+
+    def results(self, timeout_s: float | None = None) -> Iterator[JobOutcome]:
+        """Outcomes as they finish, until ``timeout_s`` passes with nothing left to wait for
+        or nothing arriving."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            try:
+                yield self._done.get(timeout=min(left, 0.5) if left is not None else 0.5)
+            except queue.Empty:
+                if self.idle() and self._done.empty():
+                    return
+
+    def get(self, timeout_s: float | None = None) -> JobOutcome | None:
+        try:
+            return self._done.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._pending and all(s.job is None for s in self._slots)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending) + sum(1 for s in self._slots if s.job is not None)
+
+    def utilisation(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.stats, "slots": len(self._slots), "busy": sum(1 for s in self._slots if s.job),
+                    "queued": len(self._pending)}
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        with self._lock:
+            for s in self._slots:
+                if s.actor is not None:
+                    ray.kill(s.actor, no_restart=True)
+                try:
+                    remove_placement_group(s.pg)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            self._slots.clear()
+
+    # ------------------------------------------------------------------ the dispatcher
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - never let the dispatcher die silently
+                log.exception("scheduler step failed")
+                time.sleep(0.5)
+
+    def _step(self) -> None:
+        import ray
+
+        self._place()
+        with self._lock:
+            running = {s.ref: s for s in self._slots if s.ref is not None}
+            readying = {s.ready_ref: s for s in self._slots if s.actor is None}
+        refs = list(running) + list(readying)
+        if not refs:
+            self._wake.wait(timeout=0.2)
+            self._wake.clear()
+            self._expire_queue()
+            return
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.1)
+        now = time.monotonic()
+        for ref in ready:
+            if ref in running:
+                self._finish(running[ref], ref)
+            elif ref in readying:
+                self._slot_ready(readying[ref])
+        with self._lock:
+            slots = list(self._slots)
+        for s in slots:
+            if s.actor is None and now - s.created > self.cfg.placement_timeout_s:
+                self._placement_timeout(s)
+            elif s.job is not None and now - s.started > s.job.deadline_s + self.cfg.grace_s:
+                log.warning("job %s ran past its hard deadline: killing its worker", s.job.job_id)
+                self._lose_slot(s, "worker did not return before the job's hard deadline")
+        self._expire_queue()
+        self._release_idle()
+
+    def _place(self) -> None:
+        """Give queued jobs to idle slots of their shape; make slots where allowed."""
+        from ray.util.placement_group import placement_group
+
+        with self._lock:
+            for job in list(self._pending):
+                idle = next((s for s in self._slots if s.shape == job.shape and s.actor is not None
+                             and s.job is None), None)
+                if idle is not None:
+                    self._pending.remove(job)
+                    self._start(idle, job)
+                    continue
+                same = [s for s in self._slots if s.shape == job.shape]
+                waiting = sum(1 for j in self._pending if j.shape == job.shape)
+                spare = sum(1 for s in same if s.job is None)
+                if len(same) < self.cfg.max_slots and spare < waiting:
+                    bundle = {"CPU": job.cpus, **({"GPU": job.gpus} if job.gpus else {}), **job.custom}
+                    pg = placement_group([bundle], strategy="STRICT_PACK")
+                    slot = Slot(self._next_slot, job.shape, pg, pg.ready())
+                    self._next_slot += 1
+                    self._slots.append(slot)
+                    self.stats["slots_created"] += 1
+
+    def _slot_ready(self, slot: Slot) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.sandbox_worker import sandbox_worker_class
+
+        cpus, gpus, custom = slot.shape
+        strategy = PlacementGroupSchedulingStrategy(placement_group=slot.pg, placement_group_bundle_index=0)
+        actor = sandbox_worker_class().options(
+            num_cpus=cpus, num_gpus=gpus, resources=dict(custom) or None, scheduling_strategy=strategy,
+            max_restarts=0, max_concurrency=2,
+        ).remote(slot.index, self.cfg.keep_scratch)
+        with self._lock:
+            slot.actor = actor
+            slot.idle_since = time.monotonic()
+        self._wake.set()
+
+    def _start(self, slot: Slot, job: Job) -> None:
+        job.tries += 1
+        slot.job, slot.started = job, time.monotonic()
+        slot.ref = slot.actor.run.remote(job.payload)
+
+    def _finish(self, slot: Slot, ref) -> None:
+        import ray
+
+        job = slot.job
+        try:
+            outcome = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - actor died, node lost, object lost
+            self._lose_slot(slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return
+        # Hand the job on (retry queue or results) before freeing the slot, so that at no
+        # moment the scheduler looks idle while an outcome is still in flight.
+        if outcome.get("status") == "infra_failed" and job.tries <= self.cfg.max_infra_retries:
+            self._retry(job, outcome.get("error", "infra failure"))
+        else:
+            self._emit(job, outcome)
+        with self._lock:
+            self.stats["busy_s"] += time.monotonic() - slot.started
+            slot.job, slot.ref, slot.idle_since = None, None, time.monotonic()
+        self._wake.set()
+
+    def _lose_slot(self, slot: Slot, reason: str) -> None:
+        """A slot whose worker died or hung: release it; its job is retried elsewhere."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        with self._lock:
+            job = slot.job
+            if job is not None:
+                if job.tries <= self.cfg.max_infra_retries:
+                    self._retry(job, reason)
+                else:
+                    self._emit(job, {"status": "infra_failed", "stage": "worker", "error": reason})
+            if slot in self._slots:
+                self._slots.remove(slot)
+            self.stats["slots_lost"] += 1
+        if slot.actor is not None:
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            remove_placement_group(slot.pg)
+        except Exception:  # noqa: BLE001
+            pass
+        self._wake.set()
+
+    def _retry(self, job: Job, reason: str) -> None:
+        log.warning("job %s: infrastructure failure (%s); retrying on another slot", job.job_id, reason)
+        job.history.append(reason)
+        with self._lock:
+            self.stats["infra_retries"] += 1
+            self._pending.appendleft(job)
+        self._wake.set()
+
+    def _placement_timeout(self, slot: Slot) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        cpus, gpus, custom = slot.shape
+        need = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **dict(custom)}
+        with self._lock:
+            if slot in self._slots:
+                self._slots.remove(slot)
+            self.stats["placement_timeouts"] += 1
+            alive = [s for s in self._slots if s.shape == slot.shape]
+            stranded = [j for j in self._pending if j.shape == slot.shape] if not alive else []
+            for j in stranded:
+                self._pending.remove(j)
+                self._emit(j, {"status": "infra_failed", "stage": "placement",
+                               "error": f"no node could hold {need} within {self.cfg.placement_timeout_s:.0f}s"})
+        try:
+            remove_placement_group(slot.pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _expire_queue(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for j in [j for j in self._pending if now - j.submitted > self.cfg.queue_timeout_s]:
+                self._pending.remove(j)
+                self._emit(j, {"status": "infra_failed", "stage": "queue",
+                               "error": f"waited more than {self.cfg.queue_timeout_s:.0f}s for a slot"})
+
+    def _release_idle(self) -> None:
+        if self.cfg.idle_shutdown_s is None:
+            return
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        now = time.monotonic()
+        with self._lock:
+            if self._pending:
+                return
+            idle = [s for s in self._slots if s.job is None and s.actor is not None
+                    and now - s.idle_since > self.cfg.idle_shutdown_s]
+            for s in idle:
+                self._slots.remove(s)
+        for s in idle:
+            ray.kill(s.actor, no_restart=True)
+            remove_placement_group(s.pg)
+
+    def _emit(self, job: Job, outcome: dict[str, Any]) -> None:
+        outcome = {**outcome, "infra_history": list(job.history)}
+        with self._lock:
+            self.stats["finished"] += 1
+        (job.sink or self._done).put(JobOutcome(job.job_id, outcome, job.tries, time.monotonic() - job.submitted))

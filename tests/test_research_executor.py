@@ -1,0 +1,125 @@
+"""The research executor on the embedded Ray: structured ideas end to end on the toy
+environment, streaming, gang placement and its timeout, infrastructure retries after a worker
+dies, protected files, and resuming from the journal after the driver goes away."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from envs.base import Idea, make_env
+from envs.codebase import ExecutorConfig, load_packaged
+from envs.journal import Journal
+
+
+@pytest.fixture
+def toy(ray_cluster, tmp_path):
+    env = load_packaged("toy", executor=ExecutorConfig(run_dir=str(tmp_path / "run"),
+                                                       scheduler={"max_slots": 2, "placement_timeout_s": 5}))
+    yield env
+    env.close()
+
+
+def test_structured_ideas_end_to_end(toy):
+    good, weak, bad = {"knobs": {"lr": 0.1, "steps": 80}}, {"knobs": {"lr": 0.01, "steps": 3}}, {"knobs": {"lr": 9}}
+    results = toy.value([good, weak, bad], timeout_s=120)
+    assert [r.status for r in results] == ["ok", "ok", "idea_failed"]
+    assert results[0].reward > 0.95 > results[1].reward > 0  # the evaluator's honest ordering
+    assert results[0].metrics["val_mse"] < 0.05
+    assert results[2].stage == "apply" and "maximum" in results[2].error
+    assert '"lr": 0.1' in results[0].edit and results[0].edit.startswith("--- a/config.json")
+    r = results[0].resources
+    assert r["limits_by"] in ("cgroup-v1", "cgroup-v2", "rlimit") and r["run_s"] > 0 and r["eval_s"] > 0
+    assert results[0].wall_s > 0
+
+
+def test_registry_and_context(ray_cluster, tmp_path):
+    env = make_env("toy", executor={"run_dir": str(tmp_path / "r")})
+    try:
+        ctx = env.context()
+        assert "Fit a straight line" in ctx and "main.py" in ctx and '"lr"' in ctx
+        assert "evaluator" not in ctx.lower() or "frozen evaluator" in ctx.lower()
+        assert env.idea_schema()["type"] == "object"
+        with pytest.raises(ValueError, match="implementer"):
+            env.submit(["a free-form idea with no implementer configured"])
+    finally:
+        env.close()
+    with pytest.raises(KeyError, match="unknown environment"):
+        make_env("no-such-env")
+
+
+def test_results_stream_in_completion_order(toy):
+    slow = Idea(knobs={"sleep_s": 4.0})
+    fast = Idea(knobs={"steps": 10})
+    ids = toy.submit([slow, fast])
+    order = [r.idea_id for r in toy.stream(ids, timeout_s=120)]
+    assert order == [fast.id, slow.id]  # the straggler does not hold the fast result back
+
+
+def test_gang_placement_timeout_is_an_infra_failure(ray_cluster, tmp_path):
+    env = load_packaged("toy", overrides=["resources.gpus=8"],
+                        executor={"run_dir": str(tmp_path / "gpu"), "scheduler": {"placement_timeout_s": 3}})
+    try:
+        t0 = time.monotonic()
+        [res] = env.value([{"knobs": {"steps": 2}}], timeout_s=60)
+        assert res.status == "infra_failed" and res.stage == "placement"
+        assert "GPU" in res.error and time.monotonic() - t0 < 30
+    finally:
+        env.close()
+
+
+def test_dead_worker_is_retried_elsewhere(toy):
+    import ray
+
+    idea = Idea(knobs={"sleep_s": 6.0, "steps": 40})
+    [iid] = toy.submit([idea])
+    sched = toy.scheduler
+    deadline = time.monotonic() + 60
+    victim = None
+    while time.monotonic() < deadline and victim is None:
+        with sched._lock:
+            victim = next((s for s in sched._slots if s.job is not None and s.actor is not None), None)
+        time.sleep(0.2)
+    assert victim is not None
+    time.sleep(2.0)  # inside the job's sleep
+    ray.kill(victim.actor, no_restart=True)
+    [res] = toy.gather([iid], timeout_s=120)
+    assert res.status == "ok" and res.reward > 0.9
+    assert res.resources["tries"] == 2
+    assert sched.utilisation()["slots_lost"] == 1 and sched.utilisation()["infra_retries"] == 1
+
+
+def test_structured_idea_cannot_touch_frozen_entry(toy):
+    files, _ = toy.apply_knobs({"lr": 0.2})
+    assert files["run.sh"] == toy.baseline_files["run.sh"]
+    assert "run.sh" in toy.protected_hashes
+
+
+def test_journal_resume_reuses_and_reconciles(ray_cluster, tmp_path):
+    run = tmp_path / "resume"
+    env = load_packaged("toy", executor={"run_dir": str(run)})
+    first = env.value([{"knobs": {"steps": 30}}], timeout_s=120)[0]
+    assert first.ok
+    env.close()
+
+    # A job that finished while no driver listened: its outcome is on disk, the journal says running.
+    env2 = load_packaged("toy", executor={"run_dir": str(run)})
+    orphan = Idea(knobs={"steps": 31})
+    j = Journal(run / "journal.sqlite")
+    j.submit(env2.fp, "toy", orphan.to_dict())
+    files, diff = env2.apply_knobs(orphan.knobs)
+    j.set_state(env2.fp, orphan.id, "running", job_id="job-orphan", edit={"files": files, "diff": diff, "attempts": []})
+    (run / "jobs" / "job-orphan").mkdir(parents=True)
+    (run / "jobs" / "job-orphan" / "outcome.json").write_text(json.dumps(
+        {"status": "ok", "value": 0.5, "metrics": {"val_mse": 1.0}, "logs": {}, "resources": {}}))
+    j.close()
+    try:
+        again, rec = env2.value([{"knobs": {"steps": 30}}, orphan], timeout_s=60)
+        assert again.reward == first.reward and again.metrics.get("reused") is True
+        assert rec.ok and rec.reward == 0.5  # reconciled from the outcome, never run a second time
+        events = [e["event"] for e in env2.journal.events(env2.fp, orphan.id)]
+        assert "reconciled" in events and events[-1] == "finished"
+        assert env2.scheduler.utilisation()["submitted"] == 0
+    finally:
+        env2.close()
