@@ -50,7 +50,7 @@ def test_registry_and_context(ray_cluster, tmp_path):
 
 
 def test_results_stream_in_completion_order(toy):
-    slow = Idea(knobs={"sleep_s": 4.0})
+    slow = Idea(knobs={"sleep_s": 3.0})
     fast = Idea(knobs={"steps": 10})
     ids = toy.submit([slow, fast])
     order = [r.idea_id for r in toy.stream(ids, timeout_s=120)]
@@ -72,7 +72,7 @@ def test_gang_placement_timeout_is_an_infra_failure(ray_cluster, tmp_path):
 def test_dead_worker_is_retried_elsewhere(toy):
     import ray
 
-    idea = Idea(knobs={"sleep_s": 6.0, "steps": 40})
+    idea = Idea(knobs={"sleep_s": 4.0, "steps": 40})
     [iid] = toy.submit([idea])
     sched = toy.scheduler
     deadline = time.monotonic() + 60
@@ -82,7 +82,7 @@ def test_dead_worker_is_retried_elsewhere(toy):
             victim = next((s for s in sched._slots if s.job is not None and s.actor is not None), None)
         time.sleep(0.2)
     assert victim is not None
-    time.sleep(2.0)  # inside the job's sleep
+    time.sleep(1.5)  # inside the job's sleep
     ray.kill(victim.actor, no_restart=True)
     [res] = toy.gather([iid], timeout_s=120)
     assert res.status == "ok" and res.reward > 0.9
