@@ -87,7 +87,8 @@ class SandboxWorker:
         self.jobs_run = 0
 
     def ping(self) -> dict[str, Any]:
-        return {"slot": self.slot, "pid": os.getpid(), "host": socket.gethostname(), "jobs_run": self.jobs_run}
+        return {"slot": self.slot, "pid": os.getpid(), "host": socket.gethostname(), "jobs_run": self.jobs_run,
+                "node_id": _node_id()}
 
     def gpu_ids(self) -> list[int]:
         try:
@@ -148,7 +149,8 @@ class SandboxWorker:
             mounts.append(Mount(str(src), dst))
             env[var], mount_env[var] = dst, str(src)
         env["OUT_DIR"] = f"/job/{artifacts}"
-        resources = {"cpus": limits.cpus, "gpus": gpus, "host": socket.gethostname(), "slot": self.slot}
+        resources = {"cpus": limits.cpus, "gpus": gpus, "host": socket.gethostname(), "slot": self.slot,
+                     "node_id": _node_id()}
 
         run = self.sandbox.run(job["entry"], code, mounts, env, limits, gpus)
         logs = {"run": _tail(run)}
@@ -227,6 +229,15 @@ class SandboxWorker:
             if not p.is_file() or p.is_symlink() or file_sha256(p) != digest:
                 bad.append(rel)
         return bad
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray
+        return None
 
 
 def _tail(o: RunOutcome, limit: int = 6000) -> str:
