@@ -332,7 +332,9 @@ class Sandbox:
         for name in _ETC_FILES:
             if Path("/etc", name).exists():
                 a += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-        a += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(tmp_mb * 2**20), "--tmpfs", "/tmp"]
+        a += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(tmp_mb * 2**20), "--tmpfs", "/tmp",
+              # shared memory for DataLoader workers and NCCL, private to this sandbox and capped
+              "--perms", "1777", "--size", str(tmp_mb * 2**20), "--tmpfs", "/dev/shm"]
         made: set[str] = set()
         for root in self._python_roots():
             a += self._parents(root, made) + ["--ro-bind", root, root]
