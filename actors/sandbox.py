@@ -8,7 +8,9 @@ One :class:`Sandbox` run is one command in a bubblewrap container:
   not ``/root``, not the project, not the evaluator or its data;
 - new PID, network (loopback only), IPC and UTS namespaces; the process tree dies with the
   sandbox's init, and ``--die-with-parent`` ties it to the worker;
-- an unprivileged uid of its own (one per worker slot) when the worker runs as root;
+- an unprivileged uid of its own, leased per sandbox owner on the node, when the worker runs as
+  root (no capabilities, ``no_new_privs``), and a seccomp filter that refuses kernel keyrings
+  (per-uid state that would outlive the job), bpf, perf events and userfaultfd;
 - an environment built from scratch (no variable of the worker leaks in: no API keys);
 - limits that also hold for CUDA processes: memory and process counts through cgroups (v1 or
   v2, where the node lets us create them), else ``RLIMIT_NPROC`` on the slot's uid and a
@@ -32,6 +34,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,10 +51,10 @@ import psutil
 
 log = logging.getLogger(__name__)
 
-SANDBOX_UID_BASE = 61000  # slot i runs as uid SANDBOX_UID_BASE + i when the worker is root
+SANDBOX_UID_BASE = 61000  # sandboxes lease uids from [BASE, BASE + SANDBOX_UIDS) when the worker is root
+SANDBOX_UIDS = 2000
 # Files of /etc a Python program may read (user lookups, dynamic linker cache, time zone).
 _ETC_FILES = ("passwd", "group", "ld.so.cache", "ld.so.conf", "localtime", "nsswitch.conf", "hosts")
-_SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "AUTH")
 
 
 class SandboxError(RuntimeError):
@@ -91,7 +94,9 @@ class Limits:
     memory_mb: int = 4096
     max_processes: int = 256
     output_limit_mb: float = 64.0
-    disk_limit_mb: float = 2048.0
+    disk_limit_mb: float = 2048.0  # the job directory (and any one file the job writes)
+    max_files: int = 100_000  # files in the job directory
+    max_open_files: int = 4096
     tmp_mb: int = 512
     cpus: float = 1.0
 
@@ -123,6 +128,79 @@ class RunOutcome:
         return asdict(self)
 
 
+
+# --------------------------------------------------------------------------- seccomp
+# Syscalls refused inside every sandbox (EPERM): kernel keyrings are per-uid state that outlives
+# a process (a channel between jobs), and bpf / perf_event_open / userfaultfd are kernel attack
+# surface no training job needs. Numbers per architecture (x86_64, aarch64).
+_BLOCKED_SYSCALLS = {
+    "x86_64": (0xC000003E, {"add_key": 248, "request_key": 249, "keyctl": 250, "bpf": 321,
+                            "perf_event_open": 298, "userfaultfd": 323}),
+    "aarch64": (0xC00000B7, {"add_key": 217, "request_key": 218, "keyctl": 219, "bpf": 280,
+                             "perf_event_open": 241, "userfaultfd": 282}),
+}
+
+
+def seccomp_program(machine: str | None = None) -> bytes:
+    """A classic-BPF seccomp filter (the format ``bwrap --seccomp FD`` reads) that refuses the
+    syscalls above with EPERM, refuses x32 syscalls on x86_64, and allows everything else."""
+    import struct
+
+    arch, calls = _BLOCKED_SYSCALLS[machine or os.uname().machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, eperm = 0x7FFF0000, 0x00050000 | 1
+    nrs = sorted(calls.values())
+    prog = [(ld, 0, 0, 4),  # arch
+            (jeq, 1, 0, arch),  # our arch: go on; another: refuse everything
+            (ret, 0, 0, eperm),
+            (ld, 0, 0, 0)]  # syscall number
+    if arch == 0xC000003E:  # the x32 ABI sets bit 30: refuse it (jump to the final "refuse")
+        prog.append((jge, len(nrs) + 1, 0, 0x40000000))
+    for i, nr in enumerate(nrs):  # a match jumps over the rest and "allow" to "refuse"
+        prog.append((jeq, len(nrs) - i, 0, nr))
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, eperm)]
+    return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
+
+
+def seccomp_file() -> Path:
+    """The filter, written once per node (root-owned, read by bwrap through a file descriptor)."""
+    path = scratch_root() / f"seccomp-{os.uname().machine}.bpf"
+    data = seccomp_program()
+    if not path.exists() or path.read_bytes() != data:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+class UidLease:
+    """An unprivileged uid held by one sandbox owner at a time on this node (a lock file per
+    uid, released when the owner closes it or its process dies), so no two concurrent jobs
+    share a uid: per-uid limits and per-uid kernel state stay per job."""
+
+    def __init__(self) -> None:
+        import fcntl
+
+        d = Path(tempfile.gettempdir()) / "selftaught-uids"
+        d.mkdir(mode=0o700, exist_ok=True)
+        self._fh = None
+        for uid in range(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UIDS):
+            fh = open(d / f"{uid}.lock", "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            self._fh, self.uid = fh, uid
+            return
+        raise SandboxError(f"all {SANDBOX_UIDS} sandbox uids of this node are in use")
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 # --------------------------------------------------------------------------- cgroups
 class Cgroup:
     """A memory + pids cgroup for one run (v1 hierarchies or the v2 unified one)."""
@@ -130,14 +208,45 @@ class Cgroup:
     def __init__(self, paths: dict[str, Path], version: str):
         self.paths, self.version = paths, version
 
+    _available: bool | None = None
+
     @classmethod
     def create(cls, name: str, memory_mb: int, max_processes: int) -> "Cgroup | None":
         """A fresh cgroup with the limits set, or None where this node does not let us."""
         try:
-            return cls._create_v2(name, memory_mb, max_processes) or cls._create_v1(name, memory_mb, max_processes)
+            cg = cls._create_v2(name, memory_mb, max_processes) or cls._create_v1(name, memory_mb, max_processes)
         except OSError as e:
             log.debug("cgroups unavailable (%s): falling back to rlimits", e)
-            return None
+            cg = None
+        cls._available = cg is not None
+        return cg
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this process can make limit cgroups (probed once)."""
+        if cls._available is None and os.geteuid() == 0:
+            cg = cls.create(f"selftaught-probe-{os.getpid()}", 64, 8)
+            if cg is not None:
+                cg.remove()
+        return bool(cls._available)
+
+    @classmethod
+    def sweep(cls, min_age_s: float = 300.0) -> int:
+        """Remove empty cgroups left by runs whose worker was killed (best effort). Only old
+        ones: a fresh cgroup is empty for a moment before its run joins it."""
+        n = 0
+        now = time.time()
+        for base in (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+            for own in ({cls._own("memory"), cls._own("pids"), cls._own("")} - {None}):
+                parent = base / own.lstrip("/")
+                for d in parent.glob("selftaught-*") if parent.is_dir() else ():
+                    try:
+                        if now - d.stat().st_mtime > min_age_s and not (d / "cgroup.procs").read_text().strip():
+                            d.rmdir()
+                            n += 1
+                    except OSError:
+                        pass
+        return n
 
     @staticmethod
     def _own(controller: str) -> str | None:
@@ -158,17 +267,21 @@ class Cgroup:
         mem.mkdir()
         try:
             pids.mkdir()
+            (mem / "memory.limit_in_bytes").write_text(str(memory_mb * 2**20))
+            swap = mem / "memory.memsw.limit_in_bytes"
+            if swap.exists():
+                try:
+                    swap.write_text(str(memory_mb * 2**20))
+                except OSError:
+                    pass
+            (pids / "pids.max").write_text(str(max_processes))
         except OSError:
-            mem.rmdir()
+            for d in (mem, pids):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
             raise
-        (mem / "memory.limit_in_bytes").write_text(str(memory_mb * 2**20))
-        swap = mem / "memory.memsw.limit_in_bytes"
-        if swap.exists():
-            try:
-                swap.write_text(str(memory_mb * 2**20))
-            except OSError:
-                pass
-        (pids / "pids.max").write_text(str(max_processes))
         return cls({"memory": mem, "pids": pids}, "cgroup-v1")
 
     @classmethod
@@ -181,11 +294,20 @@ class Cgroup:
         ctrls = (parent / "cgroup.controllers").read_text().split()
         if "memory" not in ctrls or "pids" not in ctrls:
             return None
+        enabled = (parent / "cgroup.subtree_control").read_text().split()
+        missing = [c for c in ("memory", "pids") if c not in enabled]
+        if missing:  # may fail where the parent holds processes itself ("no internal processes")
+            (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in missing))
         cg = parent / name
         cg.mkdir()
-        (cg / "memory.max").write_text(str(memory_mb * 2**20))
-        (cg / "memory.swap.max").write_text("0") if (cg / "memory.swap.max").exists() else None
-        (cg / "pids.max").write_text(str(max_processes))
+        try:
+            (cg / "memory.max").write_text(str(memory_mb * 2**20))
+            if (cg / "memory.swap.max").exists():
+                (cg / "memory.swap.max").write_text("0")
+            (cg / "pids.max").write_text(str(max_processes))
+        except OSError:
+            cg.rmdir()
+            raise
         return cls({"memory": cg, "pids": cg}, "cgroup-v2")
 
     def procs_files(self) -> list[Path]:
@@ -296,16 +418,31 @@ class _Tail:
 
 
 class Sandbox:
-    """Runs commands in bubblewrap with limits. ``slot`` picks the unprivileged uid."""
+    """Runs commands in bubblewrap with limits, as an unprivileged uid leased for its lifetime."""
 
-    def __init__(self, slot: int = 0, bwrap: str | None = None, use_cgroups: bool = True,
-                 tail_bytes: int = 16384):
+    def __init__(self, bwrap: str | None = None, use_cgroups: bool = True, tail_bytes: int = 16384):
         self.bwrap = bwrap or bwrap_binary()
         self.root = os.geteuid() == 0
-        self.uid = SANDBOX_UID_BASE + slot if self.root else os.geteuid()
-        self.setpriv = shutil.which("setpriv") if self.root else None
-        self.use_cgroups = use_cgroups
+        self.setpriv = shutil.which("setpriv")
+        if self.root and not self.setpriv:
+            raise SandboxError("running as root needs `setpriv` (util-linux) to drop to an unprivileged uid")
+        self.lease = UidLease() if self.root else None
+        self.uid = self.lease.uid if self.lease else os.geteuid()
+        self.use_cgroups = use_cgroups and self.root
         self.tail_bytes = tail_bytes
+        self.seccomp = seccomp_file() if os.uname().machine in _BLOCKED_SYSCALLS else None
+
+    def close(self) -> None:
+        """Give the uid back."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     # ------------------------------------------------------------------ argv
     def _python_roots(self) -> list[str]:
@@ -314,11 +451,22 @@ class Sandbox:
         return sorted(r for r in roots if not r.startswith("/usr"))
 
     def argv(self, cmd: Sequence[str], workdir: str, mounts: Sequence[Mount], env: dict[str, str],
-             gpus: Sequence[int] = (), tmp_mb: int = 512, cwd: str = "/job",
-             workdir_writable: bool = True) -> list[str]:
-        """The full command line: bwrap, its mounts, the uid drop, then ``cmd``."""
+             gpus: Sequence[int] = (), limits: Limits | None = None, cwd: str = "/job",
+             workdir_writable: bool = True, memory_rlimit: bool | None = None) -> list[str]:
+        """The full command line: bwrap with its mounts and seccomp filter, the rlimits, the uid
+        drop, then ``cmd``. Self-contained (the filter comes in through a shell redirection),
+        so another process, such as the evaluator starting a model server, can run it.
+
+        ``memory_rlimit``: also cap the address space (only for CPU jobs where no cgroup holds
+        memory; default: when this node has no cgroups and there are no GPUs)."""
+        limits = limits or Limits()
+        tmp_mb = limits.tmp_mb
+        if memory_rlimit is None:
+            memory_rlimit = not gpus and not (self.use_cgroups and Cgroup.available())
         a = [self.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
              "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+        if self.seccomp is not None:
+            a += ["--seccomp", "9"]
         if not self.root:
             a.append("--unshare-user")
         a += ["--ro-bind", "/usr", "/usr"]
@@ -350,10 +498,20 @@ class Sandbox:
         for k, v in sorted(env.items()):
             a += ["--setenv", k, v]
         a.append("--")
-        if self.root and self.setpriv:
+        # rlimits, set inside the sandbox before the uid drop; NPROC counts the leased uid's
+        # processes (this job's alone), FSIZE caps any one file, NOFILE open descriptors
+        pre = ["/usr/bin/prlimit", f"--nproc={limits.max_processes}", f"--nofile={limits.max_open_files}",
+               f"--fsize={int(limits.disk_limit_mb * 2**20)}"]
+        if memory_rlimit:
+            pre.append(f"--as={max(limits.memory_mb, 1024) * 2**20 * 4}")  # coarse: address space, CPU only
+        a += pre + ["--"]
+        if self.root:
             a += [self.setpriv, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
                   "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
-        return a + list(cmd)
+        a += list(cmd)
+        if self.seccomp is not None:
+            return ["/bin/sh", "-c", 'exec "$@" 9<"$0"', str(self.seccomp), *a]
+        return a
 
     @staticmethod
     def _parents(path: str, made: set[str]) -> list[str]:
@@ -405,24 +563,19 @@ class Sandbox:
         namespace isolation, but the same scrubbed environment and the same limits."""
         limits = limits or Limits()
         full_env = self.base_env(limits, gpus, env)
-        if isolate:
-            argv = self.argv(cmd, str(workdir), mounts, full_env, gpus, limits.tmp_mb,
-                             workdir_writable=workdir_writable)
-        else:
-            argv = list(cmd)
-            popen_kw.setdefault("cwd", str(workdir))
         cg = Cgroup.create(f"selftaught-{uuid.uuid4().hex[:10]}", limits.memory_mb, limits.max_processes) \
-            if self.use_cgroups and self.root else None
+            if self.use_cgroups else None
+        if isolate:
+            argv = self.argv(cmd, str(workdir), mounts, full_env, gpus, limits, workdir_writable=workdir_writable,
+                             memory_rlimit=cg is None and not gpus)
+        else:
+            # our own trusted program: no isolation, same limits; it dies with the worker
+            argv = [self.setpriv, "--pdeathsig", "KILL", "--", *cmd] if self.setpriv else list(cmd)
+            popen_kw.setdefault("cwd", str(workdir))
         if cg is not None:
-            # The shell joins the cgroups, then becomes bwrap: every descendant is inside.
+            # The shell joins the cgroups, then becomes the command: every descendant is inside.
             joins = " && ".join(f"echo $$ > {f}" for f in cg.procs_files())
             argv = ["/bin/sh", "-c", f'{joins} && exec "$@"', "sh", *argv]
-        else:
-            pre = ["prlimit", f"--nproc={limits.max_processes}"]
-            if not gpus:
-                pre.append(f"--as={max(limits.memory_mb, 1024) * 2**20 * 4}")  # coarse: address space, CPU only
-            if isolate and self.root and self.setpriv:  # NPROC counts the slot's own uid: meaningful
-                argv = pre + ["--"] + argv
         run_env = full_env if not isolate else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         proc = subprocess.Popen(argv, start_new_session=True, env=run_env, **popen_kw)
         return proc, cg
@@ -458,6 +611,7 @@ class Sandbox:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, isolate=isolate,
                               workdir_writable=workdir_writable)
         counter, lock = [0], threading.Lock()
+        count_procs = cg is None and not self.root  # no cgroup, no leased uid: count the tree
         cap = int(limits.output_limit_mb * 2**20)
         logs = {n: (log_dir / f"{n}.log") if log_dir else None for n in ("stdout", "stderr")}
         tails = {n: _Tail(getattr(proc, n), self.tail_bytes, counter, lock, logs[n], cap) for n in ("stdout", "stderr")}
@@ -481,13 +635,15 @@ class Sandbox:
             elif counter[0] > cap:
                 killed = "output"
             elif isolate or cg is None:
-                rss, cpu = _tree_usage(ps_root)
+                rss, cpu, nprocs = _tree_usage(ps_root)
                 max_rss, cpu_s = max(max_rss, rss), max(cpu_s, cpu)
                 if cg is None and rss > limits.memory_mb:
                     killed = "memory"
+                elif count_procs and nprocs > limits.max_processes:
+                    killed = "processes"
                 elif isolate and now >= next_disk:
                     next_disk = now + 1.0
-                    if _dir_mb(Path(workdir)) > limits.disk_limit_mb:
+                    if _over_disk(Path(workdir), limits):
                         killed = "disk"
             if killed:
                 self.kill_tree(proc, cg)
@@ -501,7 +657,7 @@ class Sandbox:
                 killed = "memory"
             elif cg.pids_refused():
                 killed = "processes"
-        if isolate and killed is None and _dir_mb(Path(workdir)) > limits.disk_limit_mb:
+        if isolate and killed is None and (_over_disk(Path(workdir), limits) or rc == -signal.SIGXFSZ):
             killed = "disk"
         if cg is not None:
             max_rss = max(max_rss, cg.peak_mb())
@@ -512,22 +668,26 @@ class Sandbox:
                           limits_by=cg.version if cg is not None else "rlimit")
 
 
+_SECRET_NAME = re.compile(r"(^|_)(API_?KEY|ACCESS_?KEY|SECRET(_ACCESS)?_?KEY|SECRET|PASSWORD|PASSWD|CREDENTIALS?|"
+                          r"(AUTH|ACCESS|API|BEARER|HF|GH|GITHUB|SESSION|REFRESH)_?TOKEN|PRIVATE_?KEY)$")
+
+
 def check_env_name(name: str) -> None:
-    """Refuse job variables that look like credentials: no secret reaches an idea's code."""
-    upper = name.upper()
-    if any(h in upper for h in _SECRET_HINTS):
+    """Refuse job variables named like credentials (``OPENAI_API_KEY``, ``HF_TOKEN``,
+    ``DB_PASSWORD``...): no secret reaches an idea's code, even by a config mistake."""
+    if _SECRET_NAME.search(name.upper()):
         raise ValueError(f"refusing to pass {name!r} into a sandbox: it looks like a credential")
 
 
-def _tree_usage(root: "psutil.Process | None") -> tuple[float, float]:
-    """Resident memory (MB) and CPU seconds of a process tree."""
+def _tree_usage(root: "psutil.Process | None") -> tuple[float, float, int]:
+    """Resident memory (MB), CPU seconds and process count of a process tree."""
     if root is None:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0
     rss = cpu = 0.0
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0
     for p in procs:
         try:
             rss += p.memory_info().rss
@@ -535,18 +695,25 @@ def _tree_usage(root: "psutil.Process | None") -> tuple[float, float]:
             cpu += t.user + t.system
         except psutil.Error:
             pass
-    return rss / 2**20, cpu
+    return rss / 2**20, cpu, len(procs)
 
 
-def _dir_mb(path: Path) -> float:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
+def _over_disk(path: Path, limits: Limits) -> bool:
+    """The job directory holds more bytes or files than allowed (the walk stops at the caps,
+    so a directory of millions of files costs no more than the cap)."""
+    total, files, cap = 0, 0, limits.disk_limit_mb * 2**20
+    for dirpath, dirs, names in os.walk(path):
+        files += len(names) + len(dirs)
+        if files > limits.max_files:
+            return True
+        for f in names:
             try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
             except OSError:
                 pass
-    return total / 2**20
+        if total > cap:
+            return True
+    return False
 
 
 def make_private_dir(path: Path, uid: int | None) -> Path:

@@ -35,7 +35,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from actors.sandbox import Limits, Mount, RunOutcome, Sandbox, make_private_dir, scratch_root
+import psutil
+
+from actors.sandbox import Cgroup, Limits, Mount, RunOutcome, Sandbox, make_private_dir, scratch_root
 from selftaught.config import fingerprint
 
 log = logging.getLogger(__name__)
@@ -80,11 +82,20 @@ def resolve_mount(value: str) -> Path:
 class SandboxWorker:
     """Runs research jobs in sandboxes. Plain class; the scheduler makes it a Ray actor."""
 
-    def __init__(self, slot: int = 0, keep_scratch: bool = False):
+    def __init__(self, slot: int = 0, keep_scratch: bool = False, sweep: bool = True):
+        """``sweep``: clear what dead workers left on this node (scratch, cgroups); long-lived
+        workers do it once at start, short-lived helpers (smoke runs) skip it."""
         self.slot = slot
-        self.sandbox = Sandbox(slot=slot)
+        self.sandbox = Sandbox()
         self.keep_scratch = keep_scratch
         self.jobs_run = 0
+        if sweep:
+            _sweep_stale_scratch()
+            if self.sandbox.root:
+                Cgroup.sweep()
+
+    def close(self) -> None:
+        self.sandbox.close()
 
     def ping(self) -> dict[str, Any]:
         return {"slot": self.slot, "pid": os.getpid(), "host": socket.gethostname(), "jobs_run": self.jobs_run,
@@ -112,6 +123,8 @@ class SandboxWorker:
         scratch = scratch_root() / f"{job['job_id']}-{os.getpid()}"
         try:
             out = self._run(job, scratch)
+        except _BadCodebase as e:  # the edit produced something we will not run
+            out = {"status": "idea_failed", "stage": "apply", "error": str(e), "logs": {}}
         except Exception as e:  # noqa: BLE001 - the worker's own trouble, not the idea's
             log.exception("job %s: worker error", job.get("job_id"))
             out = {"status": "infra_failed", "stage": "worker", "error": f"{type(e).__name__}: {e}",
@@ -171,6 +184,7 @@ class SandboxWorker:
     def _evaluate(self, job, ev, code: Path, artifacts: str, data: Path | None, scratch: Path, limits: Limits,
                   gpus: list[int], mount_env: dict[str, str], logs: dict, resources: dict) -> dict[str, Any]:
         """The frozen evaluator, as a trusted program, on what the job left behind."""
+        _drop_links(code)  # the job is over: nothing it left may point the evaluator elsewhere
         eval_dir = scratch / "eval"
         eval_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(scratch, 0o711)
@@ -184,7 +198,7 @@ class SandboxWorker:
             server_limits = Limits(**{**job.get("limits", {}), "wall_s": float(ev.get("time_limit_s", 120))})
             server_env = self.sandbox.base_env(server_limits, gpus, {})
             argv = self.sandbox.argv([*ev["model_server"], "--artifacts", f"/job/{artifacts}"], str(code), [],
-                                     server_env, gpus, server_limits.tmp_mb, workdir_writable=False)
+                                     server_env, gpus, server_limits, workdir_writable=False)
             cmd += ["--model-cmd", json.dumps(argv)]
         cmd += [str(a) for a in ev.get("args", [])]
         eval_limits = Limits(**{**job.get("limits", {}), "wall_s": float(ev.get("time_limit_s", 120))})
@@ -211,13 +225,13 @@ class SandboxWorker:
     def _write_codebase(files: dict[str, str], dest: Path) -> None:
         total = sum(len(v.encode()) for v in files.values())
         if total > MAX_CODEBASE_BYTES:
-            raise ValueError(f"codebase of {total} bytes exceeds {MAX_CODEBASE_BYTES}")
+            raise _BadCodebase(f"codebase of {total} bytes exceeds {MAX_CODEBASE_BYTES}")
         dest.mkdir(parents=True, exist_ok=True)
         root = dest.resolve()
         for rel, text in files.items():
             target = (dest / rel).resolve()
             if root not in target.parents:
-                raise ValueError(f"codebase path {rel!r} escapes the job directory")
+                raise _BadCodebase(f"codebase path {rel!r} escapes the job directory")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
 
@@ -229,6 +243,39 @@ class SandboxWorker:
             if not p.is_file() or p.is_symlink() or file_sha256(p) != digest:
                 bad.append(rel)
         return bad
+
+
+class _BadCodebase(ValueError):
+    """The job's files cannot be written as given (too large, a path outside the job)."""
+
+
+def _drop_links(root: Path) -> None:
+    """Remove symlinks, fifos, sockets and device nodes under ``root``: the trusted evaluator
+    (running with the worker's rights) must only ever open the job's own regular files."""
+    import stat
+
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            try:
+                mode = os.lstat(p).st_mode
+            except OSError:
+                continue
+            if stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                os.unlink(p)
+
+
+def _sweep_stale_scratch() -> None:
+    """Job directories of workers that died (their pid is gone) are removed at start-up."""
+    for d in scratch_root().glob("*-*"):
+        if not d.is_dir():
+            continue
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if not psutil.pid_exists(pid) and time.time() - d.stat().st_mtime > 60:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _node_id() -> str | None:

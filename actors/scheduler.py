@@ -53,6 +53,7 @@ class Job:
     custom: dict[str, float]
     deadline_s: float  # the longest the worker may take (run + evaluation + grace)
     submitted: float = field(default_factory=time.monotonic)
+    enqueued: float = field(default_factory=time.monotonic)  # last time it joined the queue (retries reset it)
     sink: "queue.Queue | None" = None  # where this job's outcome goes (default: the scheduler's own queue)
     tries: int = 0
     history: list[str] = field(default_factory=list)
@@ -261,19 +262,21 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - actor died, node lost, object lost
             self._lose_slot(slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return
-        # Hand the job on (retry queue or results) before freeing the slot, so that at no
-        # moment the scheduler looks idle while an outcome is still in flight.
-        if outcome.get("status") == "infra_failed" and job.tries <= self.cfg.max_infra_retries:
-            self._retry(job, outcome.get("error", "infra failure"))
-        else:
-            self._emit(job, outcome)
+        if outcome.get("status") == "infra_failed":
+            # the worker's own trouble (its disk, its node's data): retry on a fresh slot
+            self._lose_slot(slot, outcome.get("error", "infra failure"), outcome=outcome)
+            return
+        # Hand the outcome on before freeing the slot, so that at no moment the scheduler
+        # looks idle while an outcome is still in flight.
+        self._emit(job, outcome)
         with self._lock:
             self.stats["busy_s"] += time.monotonic() - slot.started
             slot.job, slot.ref, slot.idle_since = None, None, time.monotonic()
         self._wake.set()
 
-    def _lose_slot(self, slot: Slot, reason: str) -> None:
-        """A slot whose worker died or hung: release it; its job is retried elsewhere."""
+    def _lose_slot(self, slot: Slot, reason: str, outcome: dict[str, Any] | None = None) -> None:
+        """A slot whose worker died, hung or failed on its own: release it; its job is retried
+        on a fresh slot (bounded), else reported as an infrastructure failure."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
@@ -283,7 +286,7 @@ class Scheduler:
                 if job.tries <= self.cfg.max_infra_retries:
                     self._retry(job, reason)
                 else:
-                    self._emit(job, {"status": "infra_failed", "stage": "worker", "error": reason})
+                    self._emit(job, outcome or {"status": "infra_failed", "stage": "worker", "error": reason})
             if slot in self._slots:
                 self._slots.remove(slot)
             self.stats["slots_lost"] += 1
@@ -301,6 +304,7 @@ class Scheduler:
     def _retry(self, job: Job, reason: str) -> None:
         log.warning("job %s: infrastructure failure (%s); retrying on another slot", job.job_id, reason)
         job.history.append(reason)
+        job.enqueued = time.monotonic()
         with self._lock:
             self.stats["infra_retries"] += 1
             self._pending.appendleft(job)
@@ -315,8 +319,8 @@ class Scheduler:
             if slot in self._slots:
                 self._slots.remove(slot)
             self.stats["placement_timeouts"] += 1
-            alive = [s for s in self._slots if s.shape == slot.shape]
-            stranded = [j for j in self._pending if j.shape == slot.shape] if not alive else []
+            ready = [s for s in self._slots if s.shape == slot.shape and s.actor is not None]
+            stranded = [j for j in self._pending if j.shape == slot.shape] if not ready else []
             for j in stranded:
                 self._pending.remove(j)
                 self._emit(j, {"status": "infra_failed", "stage": "placement",
@@ -329,7 +333,7 @@ class Scheduler:
     def _expire_queue(self) -> None:
         now = time.monotonic()
         with self._lock:
-            for j in [j for j in self._pending if now - j.submitted > self.cfg.queue_timeout_s]:
+            for j in [j for j in self._pending if now - j.enqueued > self.cfg.queue_timeout_s]:
                 self._pending.remove(j)
                 self._emit(j, {"status": "infra_failed", "stage": "queue",
                                "error": f"waited more than {self.cfg.queue_timeout_s:.0f}s for a slot"})

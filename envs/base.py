@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Literal, Sequence
 
 Status = Literal["ok", "idea_failed", "infra_failed"]
+_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 # Where an idea failed (``Result.stage`` when status is idea_failed).
 Stage = Literal["implement", "apply", "smoke", "run", "evaluate", "protected", "rejected"]
 
@@ -38,18 +40,39 @@ class Idea:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.text and self.knobs is None:
+        if not isinstance(self.text, str):
+            raise ValueError(f"an idea's text must be a string, not {type(self.text).__name__}")
+        if self.knobs is not None and not isinstance(self.knobs, dict):
+            raise ValueError(f"an idea's knobs must be an object, not {type(self.knobs).__name__}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"an idea's meta must be an object, not {type(self.meta).__name__}")
+        if not self.text.strip() and self.knobs is None:
             raise ValueError("an idea needs text or knobs")
         if not self.id:
             self.id = "idea-" + self.content_hash()[:16]
+        if not isinstance(self.id, str) or not _ID.match(self.id):
+            raise ValueError(f"idea id {self.id!r} must be 1-128 characters of letters, digits, '.', '_' or '-' "
+                             "and must not start with '.'")
 
     @property
     def structured(self) -> bool:
         return self.knobs is not None
 
+    @property
+    def seed(self) -> int | None:
+        return self.meta.get("seed")
+
     def content_hash(self) -> str:
-        blob = json.dumps({"text": self.text.strip(), "knobs": self.knobs}, sort_keys=True)
+        """What the idea is: its text, its knobs and the seed it runs with (the same idea at
+        another seed is another measurement)."""
+        blob = json.dumps({"text": self.text.strip(), "knobs": self.knobs, "seed": self.meta.get("seed")},
+                          sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def with_seed(self, seed: int) -> "Idea":
+        """A copy that runs with ``seed`` (a derived id unless the caller chose one)."""
+        return Idea(text=self.text, knobs=self.knobs, meta={**self.meta, "seed": seed},
+                    id=f"{self.id}-s{seed}" if self.id else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

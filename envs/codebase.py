@@ -51,6 +51,7 @@ class ExecutorConfig(Strict):
     implement_concurrency: int = Field(default=4, ge=1)
     seed: int | None = None  # overrides the spec's seed for every job
     smoke: bool = True  # check free-form edits with a smoke run before queueing them
+    smoke_concurrency: int = Field(default=2, ge=1)  # smoke runs at once (on the driver's node, CPU only)
     keep_artifacts: bool = False
 
 
@@ -87,13 +88,14 @@ class CodebaseEnv(ResearchEnv):
         self._owns_scheduler = scheduler is None
         self._outcomes: "queue.Queue" = queue.Queue()
         self._pool = ThreadPoolExecutor(max_workers=self.cfg.implement_concurrency, thread_name_prefix="implement")
-        self._results: "queue.Queue[Result]" = queue.Queue()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified whenever a result lands
         self._inflight: dict[str, dict[str, Any]] = {}  # idea id -> {"idea", "t0", "job_id", "attempts"}
         self._by_job: dict[str, str] = {}
         self._finished: dict[str, Result] = {}
         self._collector: threading.Thread | None = None
         self._implementer = None
+        self._smoke_slots = threading.Semaphore(self.cfg.smoke_concurrency)
 
     # ------------------------------------------------------------------ what the ideator sees
     def context(self) -> str:
@@ -186,9 +188,13 @@ class CodebaseEnv(ResearchEnv):
         from actors.implementer import SmokeOutcome
 
         files = read_tree(Path(code_dir))
-        worker = SandboxWorker(slot=900 + threading.get_ident() % 90)
         job = self.job_payload(files, new_id("smoke"), smoke=True)
-        out = worker.run(job)
+        with self._smoke_slots:  # smoke runs use this node's CPUs outside the scheduler: few at a time
+            worker = SandboxWorker(sweep=False)
+            try:
+                out = worker.run(job)
+            finally:
+                worker.close()
         ok = out.get("status") == "ok"
         return SmokeOutcome(ok=ok, log=(out.get("error", "") + "\n" + out.get("logs", {}).get("run", ""))[-4000:],
                             seconds=out.get("seconds", 0.0))
@@ -232,48 +238,70 @@ class CodebaseEnv(ResearchEnv):
 
     # ------------------------------------------------------------------ submit / stream
     def submit(self, ideas: Sequence[Idea | str | dict], seed: int | None = None) -> list[str]:
+        """Start executing ideas; returns their ids at once. ``seed`` runs each idea with that
+        seed (a copy with a derived id: the caller's ideas are not changed)."""
         ideas = [Idea.coerce(raw) for raw in ideas]
+        if seed is not None:
+            ideas = [i if i.seed is not None else i.with_seed(seed) for i in ideas]
         if not self.cfg.implementer and any(not i.structured for i in ideas):
             raise ValueError(f"{self.name}: free-form ideas need an implementer (executor.implementer: an LLM); "
                              "without one, send structured ideas (knobs)")
-        ids = []
+        ids = [idea.id for idea in ideas]
         for idea in ideas:
-            if seed is not None and "seed" not in idea.meta:
-                idea.meta["seed"] = seed
-                idea.id = f"{idea.id}-s{seed}"
-            ids.append(idea.id)
-            with self._lock:
-                if idea.id in self._inflight:
-                    continue
             self._start(idea)
-        self._ensure_collector()
         return ids
 
-    def _start(self, idea: Idea) -> None:
-        row = self.journal.get(self.fp, idea.id)
-        if row and row["state"] == "finished":
-            res = Result.from_dict(row["result"])
-            res.metrics = {**res.metrics, "reused": True}
-            with self._lock:
-                self._finished[idea.id] = res
-            self._results.put(res)
-            return
+    def _claim(self, idea: Idea) -> bool:
+        """Mark an idea in flight; False when it already is (a duplicate submission)."""
         with self._lock:
+            if idea.id in self._inflight:
+                return False
             self._inflight[idea.id] = {"idea": idea, "t0": time.time(), "attempts": []}
-        if row is None:
-            self.journal.submit(self.fp, self.name, idea.to_dict())
-        if row and row["state"] in ("queued", "running") and row["job_id"]:
-            done = self.run_dir / "jobs" / row["job_id"] / "outcome.json"
-            edit = row["edit"] or {}
-            if done.exists():  # finished while no driver was listening
-                self.journal.event(self.fp, idea.id, "reconciled", {"job_id": row["job_id"]})
-                self._complete(idea.id, json.loads(done.read_text()), edit)
-                return
-            self.journal.event(self.fp, idea.id, "resubmitted", {"job_id": row["job_id"], "reason": "driver restart"})
-            self._queue_job(idea, edit, row["job_id"])
+            if self._collector is None or not self._collector.is_alive():
+                self._collector = threading.Thread(target=self._collect, name="research-collector", daemon=True)
+                self._collector.start()
+            return True
+
+    def _start(self, idea: Idea, edit: dict[str, Any] | None = None) -> None:
+        """Resume from the journal where possible, else prepare the idea. ``edit`` skips
+        preparation (the baseline's unmodified files)."""
+        if not self._claim(idea):
             return
-        if row and row["edit"] and row["state"] in ("implemented", "queued", "running"):
-            self._queue_job(idea, row["edit"])
+        try:
+            row = self.journal.get(self.fp, idea.id)
+            if row and row["state"] == "finished" and (row["result"] or {}).get("status") != "infra_failed":
+                res = Result.from_dict(row["result"])  # paid for and measured: never again
+                res.metrics = {**res.metrics, "reused": True}
+                with self._lock:
+                    self._inflight.pop(idea.id, None)
+                    self._finished[idea.id] = res
+                    self._changed.notify_all()
+                return
+            if row is None:
+                self.journal.submit(self.fp, self.name, idea.to_dict())
+            elif row["state"] == "finished":  # an infrastructure failure earlier: try again
+                self.journal.set_state(self.fp, idea.id, "submitted", {"reason": "retry after infra_failed"})
+                row = None
+            if row and row["state"] in ("queued", "running") and row["job_id"]:
+                done = self.run_dir / "jobs" / row["job_id"] / "outcome.json"
+                stored = row["edit"] or {}
+                if done.exists():  # finished while no driver was listening
+                    self.journal.event(self.fp, idea.id, "reconciled", {"job_id": row["job_id"]})
+                    self._complete(idea.id, json.loads(done.read_text()), stored)
+                    return
+                self.journal.event(self.fp, idea.id, "resubmitted", {"job_id": row["job_id"], "reason": "driver restart"})
+                self._queue_job(idea, stored, row["job_id"])
+                return
+            if row and row["edit"] and row["state"] in ("implemented", "queued", "running"):
+                self._queue_job(idea, row["edit"])
+                return
+            if edit is not None:
+                self.journal.set_state(self.fp, idea.id, "implemented", None, edit=edit)
+                self._queue_job(idea, edit)
+                return
+        except Exception as e:  # noqa: BLE001 - a corrupt journal row, an unreadable outcome...
+            log.exception("idea %s: could not be started", idea.id)
+            self._fail(idea.id, "infra_failed", "journal", f"{type(e).__name__}: {e}")
             return
         self._pool.submit(self._prepare, idea)
 
@@ -327,21 +355,13 @@ class CodebaseEnv(ResearchEnv):
         self.scheduler.submit(job_id, payload, cpus=r.cpus, gpus=r.gpus, custom=r.custom, deadline_s=deadline,
                               sink=self._outcomes)
 
-    def _ensure_collector(self) -> None:
-        if self._collector is None or not self._collector.is_alive():
-            self._collector = threading.Thread(target=self._collect, name="research-collector", daemon=True)
-            self._collector.start()
-
     def _collect(self) -> None:
+        """Hands scheduler outcomes to their ideas; exits when nothing is in flight."""
         while True:
             with self._lock:
-                busy = bool(self._inflight)
-            if not busy:
-                time.sleep(0.2)
-                with self._lock:
-                    if not self._inflight:
-                        return
-                continue
+                if not self._inflight:
+                    self._collector = None
+                    return
             try:
                 got = self._outcomes.get(timeout=0.5)
             except queue.Empty:
@@ -349,8 +369,13 @@ class CodebaseEnv(ResearchEnv):
             with self._lock:
                 idea_id = self._by_job.pop(got.job_id, None)
                 edit = (self._inflight.get(idea_id) or {}).get("edit", {})
-            if idea_id is not None:
+            if idea_id is None:
+                continue
+            try:
                 self._complete(idea_id, {**got.outcome, "tries": got.tries, "queued_s": got.queued_s}, edit)
+            except Exception as e:  # noqa: BLE001 - never lose the collector (and every later result)
+                log.exception("idea %s: recording its outcome failed", idea_id)
+                self._fail(idea_id, "infra_failed", "journal", f"{type(e).__name__}: {e}")
 
     def _complete(self, idea_id: str, outcome: dict[str, Any], edit: dict[str, Any]) -> None:
         status = outcome.get("status", "infra_failed")
@@ -380,37 +405,41 @@ class CodebaseEnv(ResearchEnv):
     def _finalize(self, idea_id: str, res: Result) -> None:
         with self._lock:
             info = self._inflight.pop(idea_id, None)
-            self._finished[idea_id] = res
+        if info is None:  # already finished (a late duplicate): the first result stands
+            return
         res.env = self.name
-        res.wall_s = round(time.time() - info["t0"], 3) if info else 0.0
-        self.journal.finish(self.fp, idea_id, res.to_dict())
-        self._results.put(res)
+        res.wall_s = round(time.time() - info["t0"], 3)
+        try:
+            self.journal.finish(self.fp, idea_id, res.to_dict())
+        finally:
+            with self._lock:
+                self._finished[idea_id] = res
+                self._changed.notify_all()
 
     def stream(self, ids: Sequence[str] | None = None, timeout_s: float | None = None) -> Iterator[Result]:
+        """Results of ``ids`` (default: everything submitted) as they finish. Any number of
+        callers may stream at once; each sees every result it asks for."""
         with self._lock:
-            want = set(ids) if ids is not None else set(self._inflight) | set(self._finished)
+            want = list(dict.fromkeys(ids)) if ids is not None else list({**self._finished, **self._inflight})
         seen: set[str] = set()
-        for i in list(want):
-            with self._lock:
-                res = self._finished.get(i)
-            if res is not None and i not in self._inflight:
-                seen.add(i)
-                yield res
         end = None if timeout_s is None else time.monotonic() + timeout_s
-        while want - seen:
-            left = None if end is None else end - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            try:
-                res = self._results.get(timeout=min(0.5, left) if left is not None else 0.5)
-            except queue.Empty:
-                continue
-            if res.idea_id in want and res.idea_id not in seen:
+        while len(seen) < len(want):
+            with self._changed:
+                ready = [i for i in want if i not in seen and i in self._finished and i not in self._inflight]
+                if not ready:
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._changed.wait(timeout=min(1.0, left) if left is not None else 1.0)
+                    continue
+                out = [self._finished[i] for i in ready]
+            for res in out:
                 seen.add(res.idea_id)
                 yield res
-        for i in sorted(want - seen):
-            yield Result(idea_id=i, status="infra_failed", stage="timeout", env=self.name,
-                         error=f"no result within {timeout_s}s (still running; ask again later)")
+        for i in want:
+            if i not in seen:
+                yield Result(idea_id=i, status="infra_failed", stage="timeout", env=self.name,
+                             error=f"no result within {timeout_s}s (still running; ask again later)")
 
     def result(self, idea_id: str) -> Result | None:
         with self._lock:
@@ -442,19 +471,10 @@ class CodebaseEnv(ResearchEnv):
         return rec
 
     def _run_baseline(self, ideas: list[Idea], timeout_s: float | None) -> list[Result]:
-        ids = []
+        base = {"files": self.baseline_files, "diff": "", "attempts": []}
         for idea in ideas:
-            ids.append(idea.id)
-            self._start_structured_baseline(idea)
-        self._ensure_collector()
-        return self.gather(ids, timeout_s=timeout_s)
-
-    def _start_structured_baseline(self, idea: Idea) -> None:
-        with self._lock:
-            self._inflight[idea.id] = {"idea": idea, "t0": time.time(), "attempts": []}
-        if self.journal.get(self.fp, idea.id) is None:
-            self.journal.submit(self.fp, self.name, idea.to_dict())
-        self._queue_job(idea, {"files": self.baseline_files, "diff": "", "attempts": []})
+            self._start(idea, edit=base)
+        return self.gather([i.id for i in ideas], timeout_s=timeout_s)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -79,6 +79,14 @@ class CodebaseEnvSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "CodebaseEnvSpec":
+        from actors.sandbox import check_env_name
+
+        for name in [*self.env, *self.mounts]:
+            check_env_name(name)
+        for field in ("codebase", "artifacts", "config_file"):
+            value = getattr(self, field)
+            if value.startswith("/") or ".." in Path(value).parts:
+                raise ValueError(f"{field} must be a path inside the environment, got {value!r}")
         if self.knobs is not None and self.knobs.get("type") != "object":
             raise ValueError("knobs must be a JSON schema of type 'object'")
         if self.time_budget_s is not None and self.time_budget_s >= self.time_limit_s:

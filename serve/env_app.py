@@ -18,6 +18,7 @@ as the chat endpoint; batch size and idea length are limited by configuration.
 import asyncio
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -86,6 +87,16 @@ class EnvValueServer:
         self.envs: dict[str, Any] = {}
         self.started = time.time()
 
+    @staticmethod
+    async def _off_loop(fn, *args):
+        """Journal reads and environment set-up touch disk and SQLite: never on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _aenv(self, name: str):
+        if name in self.envs:
+            return self.envs[name]
+        return await self._off_loop(self._env, name)
+
     def _env(self, name: str):
         if name not in self.entries:
             raise OpenAIError(f"no environment '{name}' here; served: {', '.join(sorted(self.entries))}",
@@ -115,7 +126,8 @@ class EnvValueServer:
                 idea = Idea.coerce(raw)
             except (TypeError, ValueError) as e:
                 raise OpenAIError(f"ideas[{i}]: {e}", param=f"ideas.{i}") from None
-            size = len(idea.text) + len(json.dumps(idea.knobs or {}))
+            size = len(idea.text) + len(json.dumps(idea.knobs or {}, default=str)) + \
+                len(json.dumps(idea.meta, default=str)) + len(idea.id)
             if size > self.cfg.max_idea_chars:
                 raise OpenAIError(f"ideas[{i}] has {size} characters; the limit is {self.cfg.max_idea_chars}",
                                   param=f"ideas.{i}")
@@ -128,6 +140,12 @@ class EnvValueServer:
             return json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
             raise OpenAIError(f"the request body is not valid JSON ({e})") from None
+
+    @staticmethod
+    def _window(value: float, name: str, cap: float) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise OpenAIError(f"{name} must be a finite number of seconds >= 0", param=name)
+        return min(value, cap)
 
     def _ids(self, ids: str | None, env) -> list[str]:
         out = [i for i in (ids or "").split(",") if i]
@@ -156,14 +174,14 @@ class EnvValueServer:
     @api.get("/v1/envs/{name}")
     async def describe(self, name: str, request: Request) -> dict[str, Any]:
         authorize(request.headers, self.key_hashes)
-        env = self._env(name)
+        env = await self._aenv(name)
         return {"id": name, "context": env.context(), "schema": env.idea_schema(), "baseline": env.baseline(),
                 "metric": env.spec.metric}
 
     @api.post("/v1/envs/{name}/ideas", status_code=202)
     async def submit(self, name: str, request: Request) -> dict[str, Any]:
         body = await self._json(request)
-        env = self._env(name)
+        env = await self._aenv(name)
         ideas, seed = self._ideas(body)
         try:
             ids = await asyncio.get_running_loop().run_in_executor(None, lambda: env.submit(ideas, seed=seed))
@@ -174,8 +192,8 @@ class EnvValueServer:
     @api.get("/v1/envs/{name}/ideas/{idea_id}")
     async def one(self, name: str, idea_id: str, request: Request) -> dict[str, Any]:
         authorize(request.headers, self.key_hashes)
-        env = self._env(name)
-        res, state = env.result(idea_id), env.state(idea_id)
+        env = await self._aenv(name)
+        res, state = await self._off_loop(lambda: (env.result(idea_id), env.state(idea_id)))
         if res is None and state is None:
             raise OpenAIError(f"unknown idea id {idea_id}", status=404, code="idea_not_found")
         return {"id": idea_id, "state": "finished" if res else state, "result": res.to_dict() if res else None}
@@ -183,31 +201,38 @@ class EnvValueServer:
     @api.get("/v1/envs/{name}/results")
     async def results(self, name: str, request: Request, ids: str = "", wait_s: float = 0.0) -> dict[str, Any]:
         authorize(request.headers, self.key_hashes)
-        env = self._env(name)
-        want = self._ids(ids, env)
-        end = time.monotonic() + min(max(wait_s, 0.0), self.cfg.max_wait_s)
+        wait_s = self._window(wait_s, "wait_s", self.cfg.max_wait_s)
+        env = await self._aenv(name)
+        want = await self._off_loop(self._ids, ids, env)
+        end = time.monotonic() + wait_s
+
+        def finished() -> dict:
+            return {i: r for i in want if (r := env.result(i)) is not None}
+
         while True:
-            done = {i: r for i in want if (r := env.result(i)) is not None}
+            done = await self._off_loop(finished)
             if len(done) == len(want) or time.monotonic() >= end:
                 break
             await asyncio.sleep(0.2)
-        return {"results": [done[i].to_dict() for i in want if i in done],
-                "pending": [{"id": i, "state": env.state(i)} for i in want if i not in done]}
+        pending = await self._off_loop(lambda: [{"id": i, "state": env.state(i)} for i in want if i not in done])
+        return {"results": [done[i].to_dict() for i in want if i in done], "pending": pending}
 
     @api.get("/v1/envs/{name}/stream")
     async def stream(self, name: str, request: Request, ids: str = "", timeout_s: float = 600.0):
         authorize(request.headers, self.key_hashes)
-        env = self._env(name)
-        want = self._ids(ids, env)
-        end = time.monotonic() + min(max(timeout_s, 0.0), self.cfg.max_wait_s * 10)
+        timeout_s = self._window(timeout_s, "timeout_s", self.cfg.max_wait_s * 10)
+        env = await self._aenv(name)
+        want = await self._off_loop(self._ids, ids, env)
+        end = time.monotonic() + timeout_s
 
         async def events():
             sent: set[str] = set()
             while len(sent) < len(want) and time.monotonic() < end:
-                for i in want:
-                    if i not in sent and (r := env.result(i)) is not None:
-                        sent.add(i)
-                        yield f"data: {json.dumps(r.to_dict(), default=str)}\n\n"
+                new = await self._off_loop(lambda: [(i, r) for i in want
+                                                    if i not in sent and (r := env.result(i)) is not None])
+                for i, r in new:
+                    sent.add(i)
+                    yield f"data: {json.dumps(r.to_dict(), default=str)}\n\n"
                 await asyncio.sleep(0.2)
             for i in want:
                 if i not in sent:

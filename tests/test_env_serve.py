@@ -71,6 +71,11 @@ def test_errors_are_openai_shaped(service):
     r = post({"ideas": [{"knobs": {"steps": 1}}], "seed": -1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
     assert post({"ideas": [{"knobs": {"steps": 1}}]}, env="nope").status_code == 404
+    for bad in ({"text": 5}, {"text": "x", "id": "../../escape"}, {"knobs": {"steps": 1}, "meta": 3}, {"text": " "}):
+        r = post({"ideas": [bad]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "ideas.0", (bad, r.text)
+    r = httpx.get(f"{service}/v1/envs/toy/results", params={"ids": "idea-x", "wait_s": "nan"}, headers=ok, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "wait_s"
     r = httpx.get(f"{service}/v1/envs/toy/results", params={"ids": "idea-unknown"}, headers=ok, timeout=30)
     assert r.status_code == 404
     with pytest.raises(EnvValueError) as e:

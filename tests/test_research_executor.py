@@ -123,3 +123,40 @@ def test_journal_resume_reuses_and_reconciles(ray_cluster, tmp_path):
         assert env2.scheduler.utilisation()["submitted"] == 0
     finally:
         env2.close()
+
+
+def test_duplicate_submissions_run_once(toy):
+    from concurrent.futures import ThreadPoolExecutor
+
+    idea = {"knobs": {"steps": 12, "sleep_s": 1.0}}
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda _: toy.submit([idea])[0], range(4)))
+    assert len(set(ids)) == 1
+    results = [toy.gather([ids[0]], timeout_s=60)[0] for _ in range(2)]  # two callers, same result
+    assert results[0].ok and results[0] is results[1]
+    assert toy.scheduler.utilisation()["submitted"] == 1
+    seeded = toy.submit([idea], seed=5)
+    assert seeded[0] != ids[0] and seeded[0].endswith("-s5")
+
+
+def test_infra_failures_are_retried_on_resubmission(ray_cluster, tmp_path):
+    env = load_packaged("toy", executor={"run_dir": str(tmp_path / "infra")})
+    try:
+        idea = Idea(knobs={"steps": 9})
+        env.journal.submit(env.fp, "toy", idea.to_dict())
+        env.journal.finish(env.fp, idea.id, {"idea_id": idea.id, "status": "infra_failed", "stage": "placement"})
+        [res] = env.value([idea], timeout_s=60)
+        assert res.ok and not res.metrics.get("reused")
+    finally:
+        env.close()
+
+
+def test_spec_refuses_credentials_and_escaping_paths():
+    from envs.spec import CodebaseEnvSpec
+
+    base = {"name": "x", "description": "d", "evaluator": {"module": "m"}}
+    with pytest.raises(ValueError, match="credential"):
+        CodebaseEnvSpec.model_validate({**base, "env": {"OPENAI_API_KEY": "sk-1"}})
+    with pytest.raises(ValueError, match="inside the environment"):
+        CodebaseEnvSpec.model_validate({**base, "artifacts": "../out"})
+    assert CodebaseEnvSpec.model_validate({**base, "env": {"MAX_TOKENS": "5"}}).env == {"MAX_TOKENS": "5"}

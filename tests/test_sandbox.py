@@ -12,8 +12,15 @@ from actors.sandbox import Limits, Mount, Sandbox, check_env_name, make_private_
 
 
 @pytest.fixture
-def job(tmp_path: Path) -> Path:
-    return make_private_dir(tmp_path / "job", Sandbox(slot=7).uid)
+def sb():
+    box = Sandbox()
+    yield box
+    box.close()
+
+
+@pytest.fixture
+def job(tmp_path: Path, sb) -> Path:
+    return make_private_dir(tmp_path / "job", sb.uid)
 
 
 def _py(sb: Sandbox, job: Path, code: str, **kw) -> object:
@@ -21,10 +28,10 @@ def _py(sb: Sandbox, job: Path, code: str, **kw) -> object:
     return sb.run(["python", "-c", code], job, limits=limits, **kw)
 
 
-def test_environment_is_built_from_scratch(job, monkeypatch):
+def test_environment_is_built_from_scratch(sb, job, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-inside")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    out = _py(Sandbox(slot=7), job, "import os, json; print(json.dumps(dict(os.environ)))", env={"SEED": "3"})
+    out = _py(sb, job, "import os, json; print(json.dumps(dict(os.environ)))", env={"SEED": "3"})
     assert out.ok, out.stderr_tail
     assert "sk-test-never-inside" not in out.stdout_tail and "RAY_ADDRESS" not in out.stdout_tail
     assert '"SEED": "3"' in out.stdout_tail and '"HOME": "/tmp"' in out.stdout_tail
@@ -32,7 +39,7 @@ def test_environment_is_built_from_scratch(job, monkeypatch):
         check_env_name("HF_TOKEN")
 
 
-def test_loopback_shm_and_read_only_views(job, tmp_path):
+def test_loopback_shm_and_read_only_views(sb, job, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "x.txt").write_text("hello")
@@ -49,7 +56,6 @@ for p in ('/data/y', '/usr/z', '/job/ok'):
         print('refused', p)
 print('uid', os.getuid())
 """
-    sb = Sandbox(slot=7)
     out = _py(sb, job, code, mounts=[Mount(str(data), "/data")])
     assert out.ok, out.stderr_tail
     assert "hello" in out.stdout_tail and "refused /data/y" in out.stdout_tail and "refused /usr/z" in out.stdout_tail
@@ -61,8 +67,8 @@ print('uid', os.getuid())
 
 
 @pytest.mark.parametrize("cgroups", [True, False])
-def test_limits_with_and_without_cgroups(job, cgroups):
-    sb = Sandbox(slot=7, use_cgroups=cgroups)
+def test_limits_with_and_without_cgroups(sb, job, cgroups):
+    sb.use_cgroups = cgroups
     mem = _py(sb, job, "a = []\nwhile True: a.append(bytearray(32 * 2**20))")
     assert mem.killed == "memory" or (not cgroups and mem.rc != 0 and "MemoryError" in mem.stderr_tail), mem
     slow = _py(sb, job, "import time; time.sleep(60)", limits={"wall_s": 1.5})
@@ -75,3 +81,32 @@ def test_limits_with_and_without_cgroups(job, cgroups):
     assert (sb.use_cgroups and procs.limits_by.startswith("cgroup")) or procs.limits_by == "rlimit"
     ok = _py(sb, job, "print('fine')")
     assert ok.ok and ok.stdout_tail.strip() == "fine"
+
+
+def test_keyrings_and_kernel_interfaces_are_refused(sb, job):
+    """Kernel keyrings are per-uid state that would outlive a job (a channel to the next one)."""
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {"add_key": 248, "keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323}
+if os.uname().machine == "aarch64":
+    calls = {"add_key": 217, "keyctl": 219, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282}
+for name, nr in calls.items():
+    r = libc.syscall(nr, 0, 0, 0, 0, 0)
+    print(name, r, ctypes.get_errno())
+"""
+    out = _py(sb, job, code)
+    assert out.ok, out.stderr_tail
+    for line in out.stdout_tail.strip().splitlines():
+        name, r, errno = line.split()
+        assert r == "-1" and errno == "1", line  # EPERM from the filter
+
+
+def test_uids_are_leased_one_per_sandbox():
+    boxes = [Sandbox() for _ in range(3)]
+    try:
+        if os.geteuid() == 0:
+            assert len({b.uid for b in boxes}) == 3
+    finally:
+        for b in boxes:
+            b.close()

@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             tail = server.stderr_tail()
         print(f"evaluation failed: {e}", file=sys.stderr)
         if tail.strip():
-            print("--- model server stderr (tail) ---\n" + tail[-4000:], file=sys.stderr)
+            # The server is the idea's code and has seen validation prefixes: what it printed
+            # stays beside the evaluator's output (operators only), never in the result.
+            log_file = Path(args.out).with_name("model_server.log")
+            log_file.write_text(tail[-STDERR_KEEP:])
+            print(f"model server output kept in {log_file.name} (not shown: it may echo evaluation data)",
+                  file=sys.stderr)
         return 1
     server.close()
     loss = total / count

@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:
-        model = json.loads((Path(args.artifacts) / "model.json").read_text()[:4096])
+        path = Path(args.artifacts) / "model.json"
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("model.json is missing or not a regular file")
+        with open(path, "rb") as f:
+            model = json.loads(f.read(4096))
         w, b = float(model["w"]), float(model["b"])
         if not (math.isfinite(w) and math.isfinite(b)):
             raise ValueError("parameters are not finite")
