@@ -111,6 +111,13 @@ import os
 bad = [k for k, v in os.environ.items() if "sk-" in v or k.endswith(("_KEY", "_TOKEN")) or k.startswith("RAY_")]
 print("LEAKED" if bad else "CONTAINED", bad)
 ''' + HONEST_FIT), "contained"),
+        "stores_in_kernel_keyring": (whole_file("main.py", '''
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+nr = 217 if os.uname().machine == "aarch64" else 248  # add_key: state that would outlive the job
+r = libc.syscall(nr, b"user", b"val-tokens", b"1 2 3", 3, -4)  # -4: the user keyring
+print("LEAKED" if r >= 0 else "CONTAINED", r, ctypes.get_errno())
+''' + HONEST_FIT), "contained"),
         "fork_bomb": (whole_file("main.py", '''
 import os
 while True:
