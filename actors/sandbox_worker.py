@@ -68,15 +68,33 @@ def prepare_data(spec: dict[str, Any] | None) -> Path | None:
 
 
 def resolve_mount(value: str) -> Path:
-    """``model:<packaged name or checkpoint>`` or a path, as a local directory."""
+    """``model:<packaged name or checkpoint>`` or a path, as a local directory the sandbox's
+    unprivileged uid can read (models saved 0600, as transformers does, are opened up to
+    read-only for others; a path we cannot open up is an error that says so)."""
     if value.startswith("model:"):
         from selftaught.models import resolve_model_path
 
-        return resolve_model_path(value.split(":", 1)[1])
-    p = Path(value).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"mount source {value!r} does not exist on {socket.gethostname()}")
+        p = resolve_model_path(value.split(":", 1)[1])
+    else:
+        p = Path(value).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"mount source {value!r} does not exist on {socket.gethostname()}")
+    _world_readable(p)
     return p
+
+
+def _world_readable(root: Path) -> None:
+    import stat
+
+    for p in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        st = p.stat()
+        want = stat.S_IROTH | (stat.S_IXOTH if p.is_dir() else 0)
+        if st.st_mode & want != want:
+            try:
+                os.chmod(p, st.st_mode | want)
+            except PermissionError:
+                raise PermissionError(f"{p} is not readable by other users, which sandboxed jobs run as; "
+                                      f"run `chmod -R o+rX {root}`") from None
 
 
 class SandboxWorker:
