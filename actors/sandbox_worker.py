@@ -191,6 +191,9 @@ class SandboxWorker:
         if tampered:
             return {**base, "status": "idea_failed", "stage": "protected",
                     "error": f"protected files changed during the run: {', '.join(tampered)}"}
+        if _killed_from_outside(run):
+            return {**base, "status": "infra_failed", "stage": "run",
+                    "error": f"the job was killed from outside the sandbox (signal {-run.rc}): worker or node going away"}
         if not run.ok:
             return {**base, "status": "idea_failed", "stage": "run", "error": f"the job failed ({run.describe()})"}
         ev = job.get("evaluator")
@@ -224,6 +227,9 @@ class SandboxWorker:
         out = self.sandbox.run(cmd, eval_dir, (), env, eval_limits, gpus, isolate=False)
         logs["evaluate"] = _tail(out)
         resources.update(eval_s=out.seconds)
+        if _killed_from_outside(out):
+            return {"status": "infra_failed", "stage": "evaluate", "evaluate": out.to_dict(),
+                    "error": f"the evaluator was killed from outside (signal {-out.rc})"}
         if not out.ok or not result_file.exists():
             return {"status": "idea_failed", "stage": "evaluate", "evaluate": out.to_dict(),
                     "error": f"the evaluator rejected the artefacts ({out.describe()}): "
@@ -261,6 +267,15 @@ class SandboxWorker:
             if not p.is_file() or p.is_symlink() or file_sha256(p) != digest:
                 bad.append(rel)
         return bad
+
+
+def _killed_from_outside(o: RunOutcome) -> bool:
+    """Ended by SIGKILL/SIGTERM that none of our limits sent: the worker, its node or the
+    host's OOM killer is going away, not the idea failing (an idea that kills itself gains
+    nothing: the retry is bounded and an infrastructure failure scores 0)."""
+    import signal
+
+    return o.killed is None and o.rc in (-signal.SIGKILL, -signal.SIGTERM)
 
 
 class _BadCodebase(ValueError):

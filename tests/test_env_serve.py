@@ -32,6 +32,7 @@ def service(ray_cluster, tmp_path_factory):
         yield env_base_url(cfg)
     finally:
         serve.delete(cfg.app_name)
+        serve.shutdown()  # the proxy's port goes with it: later apps start their own
 
 
 def test_value_through_the_client(service):
