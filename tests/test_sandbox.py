@@ -110,3 +110,16 @@ def test_uids_are_leased_one_per_sandbox():
     finally:
         for b in boxes:
             b.close()
+
+
+@pytest.mark.gpu
+def test_sandboxed_job_sees_only_its_gpu(sb, job):
+    """On a GPU node: a job assigned GPU 0 sees exactly one CUDA device and can use it."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = sb.run(["python", "-c", "import torch; x = torch.ones(256, 256, device='cuda'); "
+                  "print(torch.cuda.device_count(), float((x @ x).sum()))"], job,
+                 limits=Limits(wall_s=120, memory_mb=16384, max_processes=512), gpus=[0])
+    assert out.ok, out.stderr_tail
+    assert out.stdout_tail.split()[0] == "1"
