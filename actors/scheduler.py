@@ -56,6 +56,7 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)  # last time it joined the queue (retries reset it)
     sink: "queue.Queue | None" = None  # where this job's outcome goes (default: the scheduler's own queue)
     tries: int = 0
+    refunds: int = 0  # tries given back because the worker was dead before the job reached it
     history: list[str] = field(default_factory=list)
 
     @property
@@ -260,6 +261,11 @@ class Scheduler:
         try:
             outcome = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - actor died, node lost, object lost
+            if job is not None and time.monotonic() - slot.started < 0.5 and job.refunds < 3:
+                # the worker was already dead when the job reached it (it died idle): that try
+                # never ran, so it does not count against the job's retries
+                job.tries -= 1
+                job.refunds += 1
             self._lose_slot(slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return
         if outcome.get("status") == "infra_failed":
