@@ -85,7 +85,7 @@ class SamplingConfig(Strict):
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(default=1, ge=1)
     budget: BudgetConfig | None = None  # budget forcing for reasoning models (s1)
 

@@ -90,6 +90,28 @@ def final_view(job: Job, c: Any) -> tuple[str | None, str]:
     return None, c.text
 
 
+async def isolate_failed_batch(generate, executor, jobs: list[Job], prompts: list, params: list, owner: list,
+                               rest: list[list[tuple]]) -> list[list[tuple]]:
+    """After a failed engine batch: rerun each request alone, so only the one at fault fails.
+    A stream that already received text cannot be restarted consistently: it gets the error.
+    Returns, per job, its pending events plus ``final`` (outputs) or ``error``."""
+    loop = asyncio.get_running_loop()
+    out: list[list[tuple]] = []
+    for j, job in enumerate(jobs):
+        idx = [i for i, (jj, _) in enumerate(owner) if jj == j]
+        if job.sent:
+            out.append(rest[j] + [("error", "generation failed in this request's batch after streaming began")])
+            continue
+        try:
+            res = await loop.run_in_executor(executor, lambda idx=idx: generate([prompts[i] for i in idx],
+                                                                                [params[i] for i in idx]))
+            out.append(rest[j] + [("final", res)])
+        except Exception as e:  # noqa: BLE001 - this request is the one at fault
+            log.warning("request failed alone: %s", e)
+            out.append(rest[j] + [("error", f"generation failed: {e}")])
+    return out
+
+
 @serve.deployment(name="openai")
 @serve.ingress(api)
 class OpenAIServer:
@@ -103,7 +125,8 @@ class OpenAIServer:
         self.model_id = self.cfg.model_id()
         self.max_len = int(getattr(self.engine, "max_len", None) or self.cfg.engine.max_model_len or 2048)
         self.limits = proto.Limits(max_model_len=self.max_len, default_max_tokens=self.cfg.default_max_tokens,
-                                   max_tokens_limit=self.cfg.max_tokens_limit, max_n=self.cfg.max_n)
+                                   max_tokens_limit=self.cfg.max_tokens_limit, max_n=self.cfg.max_n,
+                                   vocab_size=len(self.engine.tokenizer))
         self.streams_tokens = "on_token" in inspect.signature(self.engine.generate).parameters
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.created = proto.now()
@@ -209,14 +232,19 @@ class OpenAIServer:
         rest = drain([])
         try:
             outs = fut.result()
-        except Exception as e:  # the whole batch failed: every request learns why
-            log.exception("engine batch failed")
-            yield [evs + [("error", f"generation failed: {e}")] for evs in rest]
+        except Exception:  # noqa: BLE001 - find the request at fault: each one runs alone
+            log.exception("engine batch of %d requests failed; running them one by one", len(jobs))
+            yield await self._isolate(jobs, prompts, params, owner, rest)
             return
         final: list[list[tuple]] = [[] for _ in jobs]
         for i, (j, k) in enumerate(owner):
             final[j].append(outs[i])
         yield [evs + [("final", final[j])] for j, evs in enumerate(rest)]
+
+    async def _isolate(self, jobs: list[Job], prompts: list, params: list, owner: list,
+                       rest: list[list[tuple]]) -> list[list[tuple]]:
+        self.stats["isolated_batches"] = self.stats.get("isolated_batches", 0) + 1
+        return await isolate_failed_batch(self.engine.generate, self.executor, jobs, prompts, params, owner, rest)
 
     async def _events(self, job: Job) -> AsyncIterator[tuple]:
         async for events in self._batched(job):

@@ -83,14 +83,14 @@ class _Common(_Open):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's API
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     # extra body: engine settings
     top_k: int | None = Field(default=None, ge=-1)
     min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     ignore_eos: bool = False
     budget_forcing: BudgetConfig | Literal[False] | None = None
 
@@ -193,6 +193,7 @@ class Limits(BaseModel):
     default_max_tokens: int
     max_tokens_limit: int
     max_n: int
+    vocab_size: int | None = None  # token ids (stop_token_ids) must lie in [0, vocab_size)
 
 
 def sampling_for(req: _Common, limits: Limits, prompt_tokens: int, budget: BudgetConfig | None,
@@ -203,6 +204,11 @@ def sampling_for(req: _Common, limits: Limits, prompt_tokens: int, budget: Budge
     request may use its thinking cap plus the delimiters plus its answer limit."""
     if req.n > limits.max_n:
         raise OpenAIError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
+    if limits.vocab_size is not None:
+        bad = [t for t in req.stop_token_ids or [] if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise OpenAIError(f"stop_token_ids {bad[:3]} are outside this model's vocabulary [0, {limits.vocab_size})",
+                              param="stop_token_ids")
     cap = limits.max_tokens_limit
     if budget is not None:
         for name in ("max_thinking_tokens", "min_thinking_tokens", "max_answer_tokens"):

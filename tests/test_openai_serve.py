@@ -181,12 +181,60 @@ def test_auth_errors(server, client):
     ({"model": MODEL, "messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
     ({"model": MODEL, "messages": MSG, "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"model": MODEL, "messages": MSG, "stop_token_ids": [999999999]}, 400, "vocabulary"),
+    ({"model": MODEL, "messages": MSG, "stop_token_ids": [-1]}, 400, "vocabulary"),
+    ({"model": MODEL, "messages": MSG, "seed": 2 ** 70}, 400, "seed"),
+    ({"model": MODEL, "messages": MSG, "seed": 10 ** 14, "stop_token_ids": [999999999], "min_tokens": 2}, 400,
+     "vocabulary"),
 ])
 def test_validation_errors_are_4xx_with_a_reason(server, body, status, needle):
     r = _post(server + "/chat/completions", body, raw=isinstance(body, str))
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle.lower() in err["message"].lower(), err
+
+
+def test_large_seeds_are_served(client):
+    """Any int64 seed is a valid request (it used to overflow the sampler's generator: a 500)."""
+    for seed in (10 ** 14, -(2 ** 63), 2 ** 63 - 1):
+        r = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=3, seed=seed,
+                                           extra_body={"min_tokens": 2})
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_failing_request_fails_alone(tiny_lm_dir):
+    """A request that fails inside the engine after validation does not take its batch-mates
+    down: the failed batch is rerun one request at a time (the app's recovery path, driven here
+    with the real engine made to fail on one poisoned prompt) and only that one gets the error."""
+    import asyncio
+
+    from actors.engine import create_engine
+    from serve.openai_app import isolate_failed_batch
+
+    engine = create_engine(EngineConfig(model=str(tiny_lm_dir), backend="transformers", device="cpu",
+                                        max_model_len=128))
+
+    def generate(prompts, params, **kw):
+        if any("POISON" in str(p) for p in prompts):
+            raise RuntimeError("the engine choked on this prompt")
+        return engine.generate(prompts, params, **kw)
+
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=4)
+    texts = ["alpha", "POISON", "beta", "gamma"]
+    jobs = [Job([p], greedy, chat=False) for p in texts]
+    with pytest.raises(RuntimeError):
+        generate(texts, [greedy] * 4)  # the batch as a whole fails
+    streamed = Job(["delta"], greedy, stream=True, chat=False)
+    streamed.sent[(0, 0)] = ["", "partial text"]  # a stream that already got text
+    jobs.append(streamed)
+    pool = ThreadPoolExecutor(1)
+    out = asyncio.run(isolate_failed_batch(generate, pool, jobs, texts + ["delta"], [greedy] * 5,
+                                           [(j, 0) for j in range(5)], [[] for _ in jobs]))
+    kinds = [evs[-1][0] for evs in out]
+    assert kinds == ["final", "error", "final", "final", "error"]
+    assert "choked" in out[1][-1][1] and "streaming began" in out[4][-1][1]
+    alone = engine.generate(["beta"], [greedy])[0].completions[0].token_ids
+    assert out[2][-1][1][0].completions[0].token_ids == alone  # each good one answers as if alone
 
 
 def test_oversize_prompt_has_openai_code(server, client):

@@ -194,7 +194,7 @@ class TransformersEngine(GenerationEngine):
         gen = None
         if p.seed is not None:
             gen = torch.Generator(device="cpu")
-            gen.manual_seed(int(p.seed) * 1000003 + s)
+            gen.manual_seed((int(p.seed) * 1000003 + s) % 2**63)  # any int64 seed, one stream per sample
         if pol is None and p.budget is not None:
             pol = BudgetForcing(p.budget, budget_tokens(self, p.budget, p))  # per sample: it keeps counts
         st = RowState(index=index, params=p, prompt_len=len(ids), request=i, sample=s, generator=gen,
