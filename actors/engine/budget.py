@@ -246,7 +246,7 @@ def generate_in_rounds(engine: "GenerationEngine", prompts: list[list[int]],
     for ids, p in zip(prompts, params):
         toks = budget_tokens(engine, p.budget, p)
         prompt = with_think_start(ids, toks)
-        samples.append([_Sample(prompt, p, toks, None if p.seed is None else int(p.seed) * 1000003 + k,
+        samples.append([_Sample(prompt, p, toks, None if p.seed is None else (int(p.seed) * 1000003 + k) % 2**63,
                                 [], BudgetUsage()) for k in range(p.n)])
     flat = [s for group in samples for s in group]
     while True:
