@@ -23,13 +23,14 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from envs.base import Idea
 from selftaught.config import RayConfig, Strict
 from serve.auth import authorize, hash_key, keys_from_env
+from serve.common import install_error_handlers, read_capped
 from serve.openai_protocol import OpenAIError, validation_error
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,7 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="selftaught env.value", description="Execute research ideas and return measured values")
 
 
-@api.exception_handler(OpenAIError)
-async def _error(_: Request, e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+install_error_handlers(api)
 
 
 class EnvEntry(Strict):
@@ -136,8 +135,9 @@ class EnvValueServer:
 
     async def _json(self, request: Request) -> Any:
         authorize(request.headers, self.key_hashes)
+        raw = await read_capped(request)
         try:
-            return json.loads(await request.body())
+            return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise OpenAIError(f"the request body is not valid JSON ({e})") from None
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
 
 from actors.engine.base import GenerationOutput, first_stop
@@ -27,6 +27,7 @@ from actors.engine.budget import budget_tokens
 from selftaught.config import BudgetConfig, SamplingConfig
 from serve import openai_protocol as proto
 from serve.auth import authorize, hash_key
+from serve.common import install_error_handlers, read_capped
 from serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,7 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="selftaught", description="OpenAI-compatible generation with budget forcing")
 
 
-@api.exception_handler(proto.OpenAIError)
-async def _openai_error(_: Request, e: proto.OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+install_error_handlers(api)
 
 
 @dataclass
@@ -140,8 +139,9 @@ class OpenAIServer:
 
     async def _body(self, request: Request) -> Any:
         self._authorize(request)
+        raw = await read_capped(request)
         try:
-            return json.loads(await request.body())
+            return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise proto.OpenAIError(f"the request body is not valid JSON ({e})") from None
 

@@ -23,6 +23,11 @@ from selftaught.config import BudgetConfig, SamplingConfig
 log = logging.getLogger(__name__)
 
 
+MAX_STOP_CHARS = 256
+MAX_BODY_BYTES = 8 * 2**20  # a request body larger than this is refused before it is parsed
+MAX_BUDGET_TEXT = 256  # characters of a budget's extension string, delimiters and answer cue
+
+
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -113,6 +118,8 @@ class _Common(_Open):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if len(stops) > 16:
             raise OpenAIError("at most 16 stop sequences", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise OpenAIError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters", param="stop")
         return [s for s in stops if s]
 
 
@@ -204,6 +211,11 @@ def sampling_for(req: _Common, limits: Limits, prompt_tokens: int, budget: Budge
     request may use its thinking cap plus the delimiters plus its answer limit."""
     if req.n > limits.max_n:
         raise OpenAIError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
+    if budget is not None:
+        for name in ("extension", "answer_cue", "think_start", "think_end"):
+            if len(getattr(budget, name)) > MAX_BUDGET_TEXT:
+                raise OpenAIError(f"budget_forcing.{name} may have at most {MAX_BUDGET_TEXT} characters",
+                                  param=f"budget_forcing.{name}")
     if limits.vocab_size is not None:
         bad = [t for t in req.stop_token_ids or [] if not 0 <= t < limits.vocab_size]
         if bad:

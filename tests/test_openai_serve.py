@@ -184,6 +184,10 @@ def test_auth_errors(server, client):
     ({"model": MODEL, "messages": MSG, "stop_token_ids": [999999999]}, 400, "vocabulary"),
     ({"model": MODEL, "messages": MSG, "stop_token_ids": [-1]}, 400, "vocabulary"),
     ({"model": MODEL, "messages": MSG, "seed": 2 ** 70}, 400, "seed"),
+    ({"model": MODEL, "messages": MSG, "stop": ["x" * 300]}, 400, "stop sequence"),
+    ({"model": MODEL, "messages": MSG, "budget_forcing": {"extension": "Wait" * 100, "num_extensions": 1}}, 400,
+     "extension"),
+    ({"model": MODEL, "messages": MSG, "user": "u" * (9 * 2 ** 20)}, 413, "exceeds"),
     ({"model": MODEL, "messages": MSG, "seed": 10 ** 14, "stop_token_ids": [999999999], "min_tokens": 2}, 400,
      "vocabulary"),
 ])
@@ -192,6 +196,15 @@ def test_validation_errors_are_4xx_with_a_reason(server, body, status, needle):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle.lower() in err["message"].lower(), err
+
+
+def test_unknown_routes_have_openai_shape(server):
+    import httpx
+
+    r = httpx.get(server + "/no/such/route", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.delete(server + "/chat/completions", timeout=30)
+    assert r.status_code == 405 and "error" in r.json()
 
 
 def test_large_seeds_are_served(client):
