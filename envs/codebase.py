@@ -15,10 +15,11 @@ the rest, without paying the implementer twice.
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import hashlib
 import json
 import logging
 import queue
+import shutil
 import statistics
 import threading
 import time
@@ -32,6 +33,7 @@ from pydantic import Field
 from actors.sandbox_worker import SandboxWorker
 from actors.scheduler import Scheduler, SchedulerConfig
 from envs.base import Idea, ResearchEnv, Result, new_id
+from envs.edits import matches_any
 from envs.journal import Journal
 from envs.spec import CodebaseEnvSpec
 from selftaught.config import RayConfig, Strict, fingerprint
@@ -52,7 +54,6 @@ class ExecutorConfig(Strict):
     seed: int | None = None  # overrides the spec's seed for every job
     smoke: bool = True  # check free-form edits with a smoke run before queueing them
     smoke_concurrency: int = Field(default=2, ge=1)  # smoke runs at once (on the driver's node, CPU only)
-    keep_artifacts: bool = False
 
 
 class ResearchConfig(Strict):
@@ -96,9 +97,21 @@ class CodebaseEnv(ResearchEnv):
         self._collector: threading.Thread | None = None
         self._implementer = None
         self._smoke_slots = threading.Semaphore(self.cfg.smoke_concurrency)
+        self._base_dir: Path | None = None  # the baseline written out for the implementer, once
+        self._baseline = self._read_baseline()
 
     # ------------------------------------------------------------------ what the ideator sees
     def context(self) -> str:
+        parts = [self.task_text(), "## Baseline codebase"]
+        for path in sorted(self.baseline_files):
+            if self._editable(path) or self._protected(path):
+                tag = " (frozen: may not be edited)" if self._protected(path) else ""
+                parts.append(f"### {path}{tag}\n```\n{self.baseline_files[path]}\n```")
+        return "\n\n".join(parts)
+
+    def task_text(self) -> str:
+        """The task without the code: description, metric, budget, baseline, knobs (the
+        implementer gets this plus its own listing of the files, so the code appears once)."""
         parts = [f"# Environment: {self.spec.name}", self.spec.description.strip(),
                  f"Metric: {self.spec.metric} ({'higher' if self.spec.higher_is_better else 'lower'} is better).",
                  f"Each job gets {self._resource_text()} and {self.spec.time_budget_s or self.spec.time_limit_s:.0f} s "
@@ -109,11 +122,6 @@ class CodebaseEnv(ResearchEnv):
                          f"{len(base['values'])} seeds.")
         if self.spec.knobs:
             parts.append("Structured ideas set these knobs (JSON schema):\n" + json.dumps(self.spec.knobs, indent=1))
-        parts.append("## Baseline codebase")
-        for path in sorted(self.baseline_files):
-            if self._editable(path) or self._protected(path):
-                tag = " (frozen: may not be edited)" if self._protected(path) else ""
-                parts.append(f"### {path}{tag}\n```\n{self.baseline_files[path]}\n```")
         return "\n\n".join(parts)
 
     def idea_schema(self) -> dict[str, Any] | None:
@@ -121,11 +129,13 @@ class CodebaseEnv(ResearchEnv):
 
     def baseline(self) -> dict[str, Any] | None:
         """The recorded baseline value (``baseline.json`` beside env.yaml), if measured."""
+        return self._baseline
+
+    def _read_baseline(self) -> dict[str, Any] | None:
         f = self.root / "baseline.json"
         if not f.exists():
             return None
-        data = json.loads(f.read_text())
-        return data.get(self.spec_key()) or None
+        return json.loads(f.read_text()).get(self.spec_key()) or None
 
     def spec_key(self) -> str:
         return fingerprint({k: v for k, v in self.spec.model_dump(mode="json").items() if k != "description"})
@@ -135,21 +145,18 @@ class CodebaseEnv(ResearchEnv):
         code = self.root / self.spec.codebase
         if not code.is_dir():
             raise FileNotFoundError(f"{self.spec.name}: no codebase directory at {code}")
-        files = {}
-        for p in sorted(code.rglob("*")):
-            if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc"):
-                files[str(p.relative_to(code))] = p.read_text()
+        files = read_tree(code, strict=True)
         if self.spec.base_config:
             cfg = json.loads(files.get(self.spec.config_file, "{}"))
             cfg.update(self.spec.base_config)
             files[self.spec.config_file] = json.dumps(cfg, indent=2) + "\n"
         return files
 
-    def _protected(self, path: str) -> bool:
-        return any(fnmatch.fnmatch(path, pat) for pat in self.spec.protected)
+    def _protected(self, path: str) -> bool:  # the implementer's rule, so both agree on what is frozen
+        return matches_any(path, self.spec.protected)
 
     def _editable(self, path: str) -> bool:
-        return any(fnmatch.fnmatch(path, pat) for pat in self.spec.editable)
+        return matches_any(path, self.spec.editable)
 
     def apply_knobs(self, knobs: dict[str, Any]) -> tuple[dict[str, str], str]:
         """Validate knob values against the schema and write them into the config file."""
@@ -173,15 +180,24 @@ class CodebaseEnv(ResearchEnv):
         """Free-form idea -> edited files via the implementer (with smoke runs)."""
         impl = self._implementer_obj()
         work = self.run_dir / "implement" / idea.id
-        base_dir = self.run_dir / "baseline_code"
-        if not base_dir.exists() or fingerprint(read_tree(base_dir)) != fingerprint(self.baseline_files):
-            write_tree(self.baseline_files, base_dir)
-        res = impl.implement(idea.text, base_dir, work, self.context(), list(self.spec.protected),
-                             list(self.spec.editable), self.smoke if self.cfg.smoke else None)
+        res = impl.implement(idea.text, self._baseline_dir(), work, self.task_text(), list(self.spec.protected),
+                             list(self.spec.editable), self.smoke if self.cfg.smoke else None,
+                             entry=self.spec.entry)
         out = res.to_dict() if hasattr(res, "to_dict") else dict(res)
         if res.success:
             out["files"] = read_tree(Path(res.winning_dir))
         return out
+
+    def _baseline_dir(self) -> Path:
+        """The baseline files on disk for the implementer to copy: written once per env object,
+        under the lock, so concurrent implementations never see it half rewritten."""
+        with self._lock:
+            if self._base_dir is None:
+                d = self.run_dir / "baseline_code"
+                if not d.exists() or read_tree(d) != self.baseline_files:
+                    write_tree(self.baseline_files, d)
+                self._base_dir = d
+            return self._base_dir
 
     def smoke(self, code_dir: Path):
         """A cheap sandboxed run of an edited copy (``SMOKE=1``: imports and one step)."""
@@ -209,7 +225,7 @@ class CodebaseEnv(ResearchEnv):
         env = {**s.env, "SEED": str(seed), "SMOKE": "1" if smoke else "0",
                "TIME_BUDGET_S": str(s.time_budget_s or s.time_limit_s)}
         return {
-            "job_id": job_id, "env_name": s.name, "files": files, "protected": self.protected_hashes,
+            "job_id": job_id, "files": files, "protected": self.protected_hashes,
             "entry": list(s.entry), "env": env, "mounts": dict(s.mounts),
             "data": {"module": self.data_module, "options": dict(s.data)} if self.data_module else None,
             "limits": {"wall_s": limit, "memory_mb": r.memory_mb, "max_processes": r.max_processes,
@@ -468,6 +484,7 @@ class CodebaseEnv(ResearchEnv):
         data = json.loads(f.read_text()) if f.exists() else {}
         data[self.spec_key()] = rec
         f.write_text(json.dumps(data, indent=2) + "\n")
+        self._baseline = rec
         return rec
 
     def _run_baseline(self, ideas: list[Idea], timeout_s: float | None) -> list[Result]:
@@ -491,8 +508,6 @@ class _IdeaFailure(Exception):
 
 
 def _sha(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -508,20 +523,21 @@ def unified_diff(before: dict[str, str], after: dict[str, str]) -> str:
     return "".join(out)
 
 
-def read_tree(root: Path) -> dict[str, str]:
+def read_tree(root: Path, strict: bool = False) -> dict[str, str]:
+    """The text files under ``root`` (caches skipped). Binary files are not part of an edit:
+    skipped, or with ``strict`` (a baseline codebase, which jobs carry as text) an error."""
     files = {}
     for p in sorted(Path(root).rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc"):
             try:
                 files[str(p.relative_to(root))] = p.read_text()
             except UnicodeDecodeError:
-                continue  # binary files are not part of an edit
+                if strict:
+                    raise ValueError(f"{p}: a codebase holds text files only (jobs carry it as text)") from None
     return files
 
 
 def write_tree(files: dict[str, str], root: Path) -> None:
-    import shutil
-
     if root.exists():
         shutil.rmtree(root)
     for rel, text in files.items():
@@ -538,19 +554,13 @@ def load_packaged(name: str, spec_file: str = "env.yaml", overrides: list[str] |
                   executor: ExecutorConfig | dict | None = None, **kw: Any) -> CodebaseEnv:
     """A shipped environment (``envs/<name>/env.yaml``, or ``paper.yaml`` for the paper shape);
     ``kw`` goes to :class:`CodebaseEnv` (e.g. a shared ``scheduler``)."""
-    root = env_dir(name)
-    spec = CodebaseEnvSpec.load(root / spec_file, overrides)
-    if isinstance(executor, dict):
-        executor = ExecutorConfig.model_validate(executor)
-    return CodebaseEnv(spec, root, executor, **kw)
+    return load_dir(env_dir(name), spec_file, overrides, executor, **kw)
 
 
 def load_dir(path: str | Path, spec_file: str = "env.yaml", overrides: list[str] | None = None,
-             executor: ExecutorConfig | dict | None = None) -> CodebaseEnv:
+             executor: ExecutorConfig | dict | None = None, **kw: Any) -> CodebaseEnv:
     """A user's own environment directory (same layout as the shipped ones)."""
     root = Path(path).resolve()
     if isinstance(executor, dict):
         executor = ExecutorConfig.model_validate(executor)
-    return CodebaseEnv(CodebaseEnvSpec.load(root / spec_file, overrides), root, executor)
-
-
+    return CodebaseEnv(CodebaseEnvSpec.load(root / spec_file, overrides), root, executor, **kw)

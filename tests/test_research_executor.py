@@ -41,6 +41,9 @@ def test_registry_and_context(ray_cluster, tmp_path):
         assert "Fit a straight line" in ctx and "main.py" in ctx and '"lr"' in ctx
         assert "evaluator" not in ctx.lower() or "frozen evaluator" in ctx.lower()
         assert env.idea_schema()["type"] == "object"
+        task = env.task_text()  # what the implementer gets beside its own file listing: no code twice
+        assert ctx.startswith(task) and "### main.py" not in task and "Fit a straight line" in task
+        assert "### main.py" in ctx and "gw = sum" not in task
         with pytest.raises(ValueError, match="implementer"):
             env.submit(["a free-form idea with no implementer configured"])
     finally:
