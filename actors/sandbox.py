@@ -31,7 +31,6 @@ alone: every failure is caught and reported, and the worker takes the next job.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import re
@@ -43,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -380,13 +379,10 @@ class Cgroup:
 class _Tail:
     """Reads one pipe to the end, keeping the last ``keep`` bytes and counting all of them."""
 
-    def __init__(self, stream, keep: int, counter: list[int], lock: threading.Lock, log_file: Path | None,
-                 log_cap: int):
+    def __init__(self, stream, keep: int, counter: list[int], lock: threading.Lock):
         self.buf: collections.deque[bytes] = collections.deque()
         self.kept = 0
         self.keep, self.counter, self.lock = keep, counter, lock
-        self.log = open(log_file, "ab") if log_file else None
-        self.log_cap, self.logged = log_cap, 0
         self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
         self.thread.start()
 
@@ -402,15 +398,8 @@ class _Tail:
                 self.kept += len(chunk)
                 while self.kept - len(self.buf[0]) >= self.keep and len(self.buf) > 1:
                     self.kept -= len(self.buf.popleft())
-                if self.log and self.logged < self.log_cap:
-                    part = chunk[: self.log_cap - self.logged]
-                    self.log.write(part)
-                    self.logged += len(part)
         except (OSError, ValueError):
             pass
-        finally:
-            if self.log:
-                self.log.close()
 
     def text(self) -> str:
         data = b"".join(self.buf)[-self.keep:]
@@ -556,8 +545,7 @@ class Sandbox:
               env: dict[str, str] | None = None, limits: Limits | None = None, gpus: Sequence[int] = (),
               workdir_writable: bool = True, isolate: bool = True,
               **popen_kw: Any) -> tuple[subprocess.Popen, "Cgroup | None"]:
-        """Start ``cmd`` sandboxed (for callers that talk to it over pipes). The caller owns the
-        process and must call :meth:`cleanup` with the returned cgroup.
+        """Start ``cmd`` sandboxed; :meth:`run` owns the process, its watchdog and its cgroup.
 
         ``isolate=False`` is for our own trusted programs (the frozen evaluator): no mount or
         namespace isolation, but the same scrubbed environment and the same limits."""
@@ -591,19 +579,9 @@ class Sandbox:
         if cg is not None:
             cg.kill_all()
 
-    @staticmethod
-    def cleanup(proc: subprocess.Popen, cg: "Cgroup | None") -> None:
-        Sandbox.kill_tree(proc, cg)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        if cg is not None:
-            cg.remove()
-
     def run(self, cmd: Sequence[str], workdir: str | Path, mounts: Sequence[Mount] = (),
             env: dict[str, str] | None = None, limits: Limits | None = None, gpus: Sequence[int] = (),
-            log_dir: Path | None = None, isolate: bool = True, workdir_writable: bool = True) -> RunOutcome:
+            isolate: bool = True, workdir_writable: bool = True) -> RunOutcome:
         """Run ``cmd`` to completion under every limit; never raises for what the command does."""
         limits = limits or Limits()
         t0 = time.monotonic()
@@ -613,8 +591,7 @@ class Sandbox:
         counter, lock = [0], threading.Lock()
         count_procs = cg is None and not self.root  # no cgroup, no leased uid: count the tree
         cap = int(limits.output_limit_mb * 2**20)
-        logs = {n: (log_dir / f"{n}.log") if log_dir else None for n in ("stdout", "stderr")}
-        tails = {n: _Tail(getattr(proc, n), self.tail_bytes, counter, lock, logs[n], cap) for n in ("stdout", "stderr")}
+        tails = {n: _Tail(getattr(proc, n), self.tail_bytes, counter, lock) for n in ("stdout", "stderr")}
         killed = None
         max_rss = 0.0
         cpu_s = 0.0

@@ -43,6 +43,7 @@ from selftaught.config import fingerprint
 log = logging.getLogger(__name__)
 
 MAX_CODEBASE_BYTES = 8 * 2**20
+_READY: set[Path] = set()  # data and mount directories this process has prepared and opened up
 
 
 def file_sha256(path: Path) -> str:
@@ -59,11 +60,14 @@ def prepare_data(spec: dict[str, Any] | None) -> Path | None:
     from selftaught.models import cache_dir
 
     root = cache_dir() / "envs" / spec["module"].replace(".", "-") / fingerprint(spec.get("options") or {})
+    if root in _READY and root.is_dir():  # this process prepared it already: no lock, no walk
+        return root
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         importlib.import_module(spec["module"]).prepare(root, dict(spec.get("options") or {}))
     for p in [root, *root.rglob("*")]:  # readable by the sandbox's unprivileged uid
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    _READY.add(root)
     return root
 
 
@@ -79,7 +83,9 @@ def resolve_mount(value: str) -> Path:
         p = Path(value).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"mount source {value!r} does not exist on {socket.gethostname()}")
-    _world_readable(p)
+    if p not in _READY:
+        _world_readable(p)
+        _READY.add(p)
     return p
 
 
