@@ -27,6 +27,15 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now (for Serve apps)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wiki_texts(limit: int) -> list[str]:
     """Real text from the bundled Wikipedia summaries (read directly: tests of the core do not
     depend on the data layer)."""

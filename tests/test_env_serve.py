@@ -2,21 +2,15 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import httpx
 import pytest
 
 from serve.env_app import EnvEntry, EnvServeConfig, env_base_url, run_env_app
 from serve.env_client import EnvValueClient, EnvValueError
+from tests.conftest import free_port
 
 KEYS_ENV = "SELFTAUGHT_TEST_ENV_KEYS"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +20,7 @@ def service(ray_cluster, tmp_path_factory):
     os.environ[KEYS_ENV] = "k1,k2"
     run_dir = tmp_path_factory.mktemp("envserve")
     cfg = EnvServeConfig(envs=[EnvEntry(name="toy", executor={"run_dir": str(run_dir)})], api_key_env=KEYS_ENV,
-                         port=_free_port(), app_name="env-value-test", max_batch_ideas=4, max_idea_chars=500)
+                         port=free_port(), app_name="env-value-test", max_batch_ideas=4, max_idea_chars=500)
     run_env_app(cfg)
     try:
         yield env_base_url(cfg)

@@ -1,10 +1,10 @@
 """The engine inside Ray: generator actors, Ray Data map_batches on an actor pool, Serve."""
-import socket
 
 import httpx
 import pytest
 
 from selftaught.config import EngineConfig, SamplingConfig
+from tests.conftest import free_port
 
 GREEDY = SamplingConfig(temperature=0, max_new_tokens=6, ignore_eos=True)
 
@@ -59,18 +59,12 @@ def test_ray_data_map_batches(ray_cluster, engine_cfg, local_outputs):
     assert out[4]["generated_text"].startswith(out[4]["generated_reasoning"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_generate_app(ray_cluster, engine_cfg, local_outputs):
     from ray import serve
 
     from serve.generate_app import build_generate_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_generate_app(engine_cfg.model_copy(update={"cpus_per_actor": 0.5})),
               name="gen", route_prefix="/gen")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,16 +12,11 @@ from selftaught.config import BudgetConfig, EngineConfig, SamplingConfig
 from serve import openai_protocol as proto
 from serve.config import ServeConfig
 from serve.openai_app import Job, advance, sendable
+from tests.conftest import free_port
 
 KEYS_ENV = "SELFTAUGHT_TEST_SERVE_KEYS"
 MODEL = "tiny-reasoner"
 BUDGET = {"min_thinking_tokens": 6, "max_thinking_tokens": 6, "extension": "", "max_answer_tokens": 5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def server(ray_cluster, tiny_lm_dir):
     os.environ[KEYS_ENV] = "key-one, key-two"
     cfg = ServeConfig(engine=EngineConfig(model=str(tiny_lm_dir), backend="transformers", device="cpu",
                                           cpus_per_actor=0.5, max_model_len=128),
-                      served_model_name=MODEL, api_key_env=KEYS_ENV, port=_free_port(), app_name="openai-test",
+                      served_model_name=MODEL, api_key_env=KEYS_ENV, port=free_port(), app_name="openai-test",
                       max_tokens_limit=100, max_n=4, max_batch_size=8, default_max_tokens=12)
     run_openai_app(cfg)
     try:
