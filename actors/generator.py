@@ -72,6 +72,45 @@ def start_generators(engine_cfg: EngineConfig, num_actors: int | None = None) ->
     return [cls.remote(engine_cfg.model_dump(), cpus) for _ in range(n)]
 
 
+class EnginePool:
+    """Generator actors behind one :class:`~actors.engine.base.ChatModel`: a call's requests
+    are spread over the actors (each batches its share continuously) and come back in order.
+    Every wait is bounded by ``timeout_s``."""
+
+    def __init__(self, actors: list, timeout_s: float = 1800.0):
+        if not actors:
+            raise ValueError("an engine pool needs at least one actor")
+        self.actors, self.timeout_s = list(actors), timeout_s
+
+    @classmethod
+    def start(cls, engine_cfg: EngineConfig, num_actors: int | None = None, timeout_s: float = 1800.0) -> "EnginePool":
+        return cls(start_generators(engine_cfg, num_actors), timeout_s)
+
+    def _spread(self, method: str, items: Sequence[Any], sampling) -> list:
+        import ray
+
+        from actors.engine.base import GenerationOutput, per_request
+
+        params = [p.model_dump() for p in per_request(sampling, len(items))]
+        k = len(self.actors)
+        shards = [list(range(a, len(items), k)) for a in range(k)]
+        refs = [getattr(self.actors[a], method).remote([items[i] for i in idx], [params[i] for i in idx])
+                for a, idx in enumerate(shards) if idx]
+        outs: list = [None] * len(items)
+        for idx, res in zip([s for s in shards if s], ray.get(refs, timeout=self.timeout_s)):
+            for i, d in zip(idx, res):
+                out = GenerationOutput.from_dict(d)
+                out.request_index = i
+                outs[i] = out
+        return outs
+
+    def chat(self, conversations: Sequence[Sequence[dict]], sampling=None) -> list:
+        return self._spread("chat", [list(c) for c in conversations], sampling)
+
+    def generate(self, prompts: Sequence[Any], sampling=None) -> list:
+        return self._spread("generate", list(prompts), sampling)
+
+
 class GenerateBatch:
     """Ray Data callable: adds ``generated_text`` (and token counts) to each row.
 

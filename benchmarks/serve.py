@@ -6,14 +6,16 @@ of budget forcing against plain decoding of the same length.
 
 1. Throughput and latency: ``c`` concurrent clients (threads with their own HTTP connection)
    each send chat requests through the ``openai`` client; every request decodes exactly
-   ``--new-tokens`` tokens (``ignore_eos``), greedy. The direct baseline runs the same requests
-   through ``engine.generate`` in batches of ``min(c, max_batch_size)`` (what the replica's
-   ``serve.batch`` can form), in this process, with the same thread count. Serve is measured
-   while the direct engine is idle and vice versa. Errors are counted, never retried.
-2. Budget forcing overhead: a batch of budget-forced requests (thinking forced to exactly
-   ``T`` tokens, then the delimiter and an answer; and the same with "Wait" extensions), then
-   plain decoding of exactly the same number of tokens per request; greedy, interleaved,
-   median of ``--repeats``. The figure is time per generated token, budget vs plain.
+   ``--new-tokens`` tokens (``ignore_eos``), greedy. The direct baseline drives the same engine
+   in this process with the same requests and the same concurrency: ``c`` asyncio callers, each
+   sending its requests one after another through an ``EngineLoop`` (the replica's loop, minus
+   HTTP and Serve), with the same torch thread count. Serve is measured while the direct engine
+   is idle and vice versa. Errors are counted, never retried.
+2. Budget forcing overhead (``benchmarks/budget_overhead.py``): a batch of budget-forced
+   requests (thinking forced to exactly ``T`` tokens, then the delimiter and an answer; and the
+   same with "Wait" extensions), then plain decoding of exactly the same number of tokens per
+   request; greedy, interleaved, median of ``--repeats``. The figure is time per generated
+   token, budget vs plain.
 
 Writes ``benchmarks/results/serve.json``. Ratios inside one run are what to compare.
 """
@@ -24,7 +26,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -34,11 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from selftaught.config import BudgetConfig, EngineConfig, SamplingConfig  # noqa: E402
-
-QUESTIONS = ["What is 17 + 25?", "Name three rivers in Europe.", "Explain photosynthesis briefly.",
-             "Write a haiku about snow.", "What is the capital of Norway?", "Compute 12 * 13.",
-             "Why is the sky blue?", "List the planets of the solar system."]
+from benchmarks.budget_overhead import QUESTIONS, budget_overhead  # noqa: E402
+from selftaught.config import EngineConfig, SamplingConfig  # noqa: E402
 
 
 def _free_port() -> int:
@@ -88,58 +86,34 @@ def serve_load(base_url: str, model: str, clients: int, per_client: int, new_tok
             "errors": len(errors), "error_samples": errors[:3]}
 
 
-def direct_load(engine, clients: int, per_client: int, new_tokens: int, max_batch: int) -> dict:
-    """The same requests through ``engine.generate``: ``clients`` requests arrive together, so a
-    replica would batch up to ``min(clients, max_batch)`` of them."""
+def direct_load(engine, clients: int, per_client: int, new_tokens: int) -> dict:
+    """The same requests straight into the engine: ``clients`` concurrent callers, each waiting
+    for its answer before sending the next (as the HTTP clients do)."""
+    import asyncio
+
+    from actors.engine.runner import EngineLoop
+
     convs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(clients * per_client)]
     prompts = [engine.apply_chat_template(c) for c in convs]
     sp = SamplingConfig(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-    b = min(clients, max_batch)
-    lat = []
+    loop_ = EngineLoop(engine)
+    lat: list[float] = []
+
+    async def client(c: int) -> None:
+        for r in range(per_client):
+            t = time.perf_counter()
+            await loop_.generate(prompts[c * per_client + r], sp)
+            lat.append(time.perf_counter() - t)
+
+    async def all_clients() -> None:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+
     t0 = time.perf_counter()
-    for s in range(0, len(prompts), b):
-        t = time.perf_counter()
-        engine.generate(prompts[s:s + b], sp)
-        lat += [time.perf_counter() - t] * len(prompts[s:s + b])
+    asyncio.run(all_clients())
     wall = time.perf_counter() - t0
+    loop_.close()
     return {"requests": len(prompts), "seconds": wall, "req_per_s": len(prompts) / wall,
             "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99)}
-
-
-def budget_overhead(engine, batch: int, think: int, repeats: int) -> dict:
-    """Time per token of budget-forced decoding vs plain decoding of the same token counts."""
-    convs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
-    prompts = [engine.apply_chat_template(c) for c in convs]
-    cases = {
-        "cap_and_min": BudgetConfig(min_thinking_tokens=think, max_thinking_tokens=think, extension="",
-                                    max_answer_tokens=16),
-        "wait_extensions": BudgetConfig(num_extensions=4, max_thinking_tokens=think, max_answer_tokens=16),
-    }
-    out = {}
-    for name, budget in cases.items():
-        bp = SamplingConfig(temperature=0, max_new_tokens=think + 40, budget=budget)
-        ref = engine.generate(prompts, bp)  # warm-up, and the exact lengths to match
-        counts = [o.completions[0].num_tokens for o in ref]
-        # the plain run decodes from the same prefix (prompt + think_start) the same number of tokens
-        plain_prompts = [o.prompt for o in ref]
-        plain = [SamplingConfig(temperature=0, max_new_tokens=n, ignore_eos=True) for n in counts]
-        t_b, t_p = [], []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            outs = engine.generate(prompts, bp)
-            t_b.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            pouts = engine.generate(plain_prompts, plain)
-            t_p.append(time.perf_counter() - t)
-        assert [o.completions[0].num_tokens for o in outs] == counts
-        assert [o.completions[0].num_tokens for o in pouts] == counts
-        used = [o.completions[0].budget for o in outs]
-        tb, tp = statistics.median(t_b), statistics.median(t_p)
-        out[name] = {"tokens": sum(counts), "budget_s": tb, "plain_s": tp, "overhead": tb / tp - 1,
-                     "budget_s_all": t_b, "plain_s_all": t_p,
-                     "mean_thinking_tokens": statistics.mean(u["thinking_tokens"] for u in used),
-                     "mean_extensions": statistics.mean(u["extensions"] for u in used)}
-    return out
 
 
 def main() -> None:
@@ -151,8 +125,6 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=0, help="0: 4 at 1 client, 2 at 8, 1 at 32+")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--batch-wait", type=float, nargs="+", default=[0.01, 0.1],
-                    help="serve.batch wait timeouts to compare (seconds)")
     ap.add_argument("--skip-budget", action="store_true")
     ap.add_argument("--think", type=int, default=48)
     ap.add_argument("--budget-batch", type=int, default=8)
@@ -185,33 +157,28 @@ def main() -> None:
     import httpx
 
     init_ray(RayConfig(num_cpus=max(4, args.threads + 2)))
-    results["throughput"] = {}
-    for wait in args.batch_wait:
-        cfg = ServeConfig(engine=engine_cfg, port=_free_port(), app_name="bench", max_batch_size=args.max_batch,
-                          max_ongoing_requests=256, batch_wait_timeout_s=wait)
-        run_openai_app(cfg)
-        url = base_url(cfg)
-        model_id = cfg.model_id()
-        serve_load(url, model_id, 1, 1, 4)  # warm-up
-        rows = []
-        for c in args.clients:
-            per = args.requests_per_client or (4 if c == 1 else 2 if c <= 8 else 1)
-            before = httpx.get(url.removesuffix("/v1") + "/health").json()["batching"]
-            d = direct_load(engine, c, per, args.new_tokens, args.max_batch)
-            s = serve_load(url, model_id, c, per, args.new_tokens)
-            after = httpx.get(url.removesuffix("/v1") + "/health").json()["batching"]
-            batches = after["batches"] - before["batches"]
-            s["engine_batches"] = batches
-            s["mean_batch"] = (after["requests"] - before["requests"]) / max(batches, 1)
-            row = {"clients": c, "serve": s, "direct": d, "serve_over_direct": s["req_per_s"] / d["req_per_s"]}
-            rows.append(row)
-            print(json.dumps({"batch_wait_s": wait, "clients": c, "serve_rps": round(s["req_per_s"], 3),
-                              "direct_rps": round(d["req_per_s"], 3), "ratio": round(row["serve_over_direct"], 3),
-                              "p50": round(s["p50_s"], 2), "p99": round(s["p99_s"], 2), "errors": s["errors"],
-                              "engine_batches": batches, "mean_batch": round(s["mean_batch"], 2)}))
-        results["throughput"][str(wait)] = rows
-        serve.delete(cfg.app_name)
-        serve.shutdown()
+    cfg = ServeConfig(engine=engine_cfg, port=_free_port(), app_name="bench", max_ongoing_requests=256)
+    run_openai_app(cfg)
+    url = base_url(cfg)
+    model_id = cfg.model_id()
+    serve_load(url, model_id, 1, 1, 4)  # warm-up
+    direct_load(engine, 1, 1, 4)
+    rows = []
+    for c in args.clients:
+        per = args.requests_per_client or (4 if c == 1 else 2 if c <= 8 else 1)
+        d = direct_load(engine, c, per, args.new_tokens)
+        s = serve_load(url, model_id, c, per, args.new_tokens)
+        s["engine"] = httpx.get(url.removesuffix("/v1") + "/health").json()["engine"]
+        row = {"clients": c, "serve": s, "direct": d, "serve_over_direct": s["req_per_s"] / d["req_per_s"]}
+        rows.append(row)
+        print(json.dumps({"clients": c, "serve_rps": round(s["req_per_s"], 3), "direct_rps": round(d["req_per_s"], 3),
+                          "ratio": round(row["serve_over_direct"], 3), "p50": round(s["p50_s"], 2),
+                          "p99": round(s["p99_s"], 2), "direct_p50": round(d["p50_s"], 2),
+                          "direct_p99": round(d["p99_s"], 2), "errors": s["errors"],
+                          "max_running_rows": s["engine"]["max_running"]}))
+    results["throughput"] = rows
+    serve.delete(cfg.app_name)
+    serve.shutdown()
     ray.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

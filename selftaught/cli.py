@@ -124,13 +124,15 @@ def cmd_serve_generate(args) -> int:
 
     from selftaught.config import RayConfig
     from selftaught.runtime import init_ray
+    from serve.config import ServeConfig
     from serve.generate_app import build_generate_app
 
     engine_cfg, _ = _engine_and_sampling(args)
     init_ray(RayConfig())
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_generate_app(engine_cfg, num_replicas=args.replicas), name="generate",
-              route_prefix="/generate")
+    serve.run(build_generate_app(engine_cfg, num_replicas=args.replicas,
+                                 serve_cfg=ServeConfig(api_key_env=args.api_key_env)),
+              name="generate", route_prefix="/generate")
     log.info("serving %s at http://%s:%d/generate (Ctrl-C to stop)", engine_cfg.model, args.host, args.port)
     return _serve_until_interrupted()
 
@@ -336,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--api-key-env", help="NAME of an environment variable holding the accepted API key(s)")
     s.set_defaults(fn=cmd_serve_generate)
 
     p = sub.add_parser("research", help="execution-grounded research: run ideas as experiments")

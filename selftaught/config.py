@@ -71,6 +71,28 @@ class BudgetConfig(Strict):
         return self
 
 
+class StructuredOutput(Strict):
+    """Constrain a completion to a formal language (constrained decoding): a JSON schema, any
+    JSON object, a regular expression, or one of fixed strings. Applied to the answer (after
+    thinking, for budget-forced requests); the completion stops when the grammar is complete."""
+
+    type: Literal["json_schema", "json_object", "regex", "choice"]
+    json_schema: dict[str, Any] | None = None
+    regex: str | None = Field(default=None, max_length=4096)
+    choice: list[str] | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _one_spec(self) -> "StructuredOutput":
+        need = {"json_schema": "json_schema", "regex": "regex", "choice": "choice"}.get(self.type)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"response format {self.type!r} needs the field {need!r}")
+        return self
+
+    def key(self) -> str:
+        """A stable text form (compiled grammars are cached by it)."""
+        return json.dumps(self.model_dump(), sort_keys=True)
+
+
 class SamplingConfig(Strict):
     """Decoding parameters shared by every engine backend (one request's settings).
 
@@ -88,6 +110,10 @@ class SamplingConfig(Strict):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(default=1, ge=1)
     budget: BudgetConfig | None = None  # budget forcing for reasoning models (s1)
+    # Log-probabilities of the emitted tokens under the model (raw logits, before temperature
+    # and masks): None = off, 0 = the chosen token's only, k = also the k most likely tokens.
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, choice)
 
 
 class EngineConfig(Strict):

@@ -111,6 +111,18 @@ def sampling_kwargs(s: SamplingConfig) -> dict[str, Any]:
         body["ignore_eos"] = True
     if s.budget is not None:  # read by our OpenAI-compatible Serve app (serve/openai_app.py)
         body["budget_forcing"] = s.budget.model_dump(exclude_defaults=True)
+    if s.logprobs is not None:
+        kw["logprobs"] = True
+        if s.logprobs:
+            kw["top_logprobs"] = s.logprobs
+    rf = s.response_format
+    if rf is not None:
+        if rf.type == "json_schema":
+            kw["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": rf.json_schema}}
+        elif rf.type == "json_object":
+            kw["response_format"] = {"type": "json_object"}
+        else:  # vLLM's guided fields (our Serve app and vLLM servers read them)
+            body["guided_regex" if rf.type == "regex" else "guided_choice"] = rf.regex if rf.type == "regex" else rf.choice
     if body:
         kw["extra_body"] = body
     return kw
@@ -415,6 +427,35 @@ class LLMClient:
             return [f.result() for f in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def chat(self, conversations: Sequence[Messages],
+             sampling: SamplingConfig | Sequence[SamplingConfig] | None = None) -> list[Any]:
+        """The :class:`~actors.engine.base.ChatModel` protocol: one ``GenerationOutput`` per
+        conversation, ``n`` samples each (``n`` calls, seeds ``seed + i`` when seeded). Remote
+        models return no token ids; token counts and cost are in ``metrics``."""
+        from actors.engine.base import Completion, GenerationOutput, per_request
+
+        params = per_request(sampling if sampling is not None else SamplingConfig(
+            temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_tokens), len(conversations))
+        calls = [(i, list(conversations[i]), p.model_copy(update={"n": 1, "seed": None if p.seed is None else
+                                                                 (p.seed + s) % 2**63}))
+                 for i, p in enumerate(params) for s in range(p.n)]
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.cfg.max_concurrency, len(calls))),
+                                  thread_name_prefix="llm-chat")
+        try:
+            results = list(pool.map(lambda c: self.complete(c[1], sampling=c[2]), calls))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        outs = [GenerationOutput(prompt="", prompt_token_ids=[], completions=[], request_index=i,
+                                 metrics={"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0})
+                for i in range(len(conversations))]
+        for (i, _, _), r in zip(calls, results):
+            o = outs[i]
+            o.completions.append(Completion(text=r.text, token_ids=[], finish_reason=r.finish_reason or "stop"))
+            o.metrics["prompt_tokens"] = r.prompt_tokens
+            o.metrics["completion_tokens"] += r.completion_tokens
+            o.metrics["cost_usd"] += r.cost_usd
+        return outs
 
     # ------------------------------------------------------------------ async API
     def _async_sem(self) -> asyncio.Semaphore:

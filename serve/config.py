@@ -43,8 +43,6 @@ class ServeConfig(Strict):
     num_replicas: int = Field(default=1, ge=1)  # ignored when autoscaling is set
     autoscaling: AutoscalingSettings | None = None
     max_ongoing_requests: int = Field(default=64, ge=1)
-    max_batch_size: int = Field(default=16, ge=1)  # requests merged into one engine batch
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     default_max_tokens: int = Field(default=256, ge=1)
     max_tokens_limit: int = Field(default=8192, ge=1)  # larger max_tokens / budgets are refused
     max_n: int = Field(default=16, ge=1)

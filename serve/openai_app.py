@@ -2,28 +2,31 @@
 
 ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models`` speak the OpenAI API, so the
 ``openai`` client, litellm and anything built on them work unchanged; ``/health`` answers
-load balancers. Each replica holds one engine. Concurrent requests are merged into one engine
-batch by ``serve.batch``; the batch handler is an async generator, so streamed requests get
-their tokens as they are decoded (the transformers backend reports every token; vLLM answers
-a batch at once, so its streams arrive in one piece). Budget forcing (s1) is an extra body
-field; chat answers put the thinking in ``reasoning_content`` and the answer in ``content``.
+load balancers. Each replica holds one engine driven by an :class:`~actors.engine.runner.EngineLoop`:
+a request joins the running batch at the engine's next decode step (continuous batching, no
+batch wait), streams the engine's typed events as they are decoded, and is aborted (its rows
+freed) when its client goes away. Requests are validated and tokenized on the replica's own
+tokenizer in a worker thread, never on the event loop and never on the engine's tokenizer.
+Budget forcing (s1) is an extra body field; chat answers put the thinking in
+``reasoning_content`` and the answer in ``content``. ``logprobs`` and structured output
+(``response_format`` with a JSON schema, vLLM's ``guided_regex`` / ``guided_choice``) are served.
 """
 # No ``from __future__ import annotations``: FastAPI must see real types (``Request``) on the
 # methods Serve wraps, or it reads them as query parameters.
 import asyncio
-import inspect
+import copy
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 
-from actors.engine.base import GenerationOutput, first_stop
-from actors.engine.budget import budget_tokens
+from actors.engine.base import BoundedCache, Completion, GenerationOutput, RequestError, StreamEvent, apply_chat_template
+from actors.engine.budget import tokenize_budget
 from selftaught.config import BudgetConfig, SamplingConfig
 from serve import openai_protocol as proto
 from serve.auth import authorize, hash_key
@@ -40,98 +43,74 @@ install_error_handlers(api)
 
 @dataclass
 class Job:
-    """One HTTP request: its prompts (several for ``/v1/completions``) and settings."""
+    """One HTTP request: its prompts as token ids (several for ``/v1/completions``) and settings."""
 
-    prompts: list[Any]
+    rid: str
+    prompts: list[list[int]]
     params: SamplingConfig
-    stream: bool = False
     chat: bool = True
-    sent: dict[tuple[int, int], list[str]] = field(default_factory=dict)  # (prompt, sample) -> [reasoning, content]
 
 
-def sendable(text: str, stops: list[str]) -> str:
-    """The part of a partial text that is final: cut at a stop string, minus a tail that could
-    still become one, minus an incomplete UTF-8 character."""
-    if stops:
-        hit = first_stop(text, stops)
-        if hit is not None:
-            text = text[:hit[0]]
-        else:
-            text = text[:max(0, len(text) - (max(len(s) for s in stops) - 1))]
-    return text.rstrip("\ufffd")
+class RequestSide:
+    """Everything a replica does with a tokenizer on behalf of requests: its own copy of the
+    tokenizer, used from one worker thread only, with bounded caches."""
 
+    def __init__(self, tokenizer: Any):
+        self.tok = copy.deepcopy(tokenizer)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._budgets = BoundedCache(256)
 
-def advance(job: Job, key: tuple[int, int], reasoning: str | None, content: str | None) -> dict[str, str]:
-    """The new text since the last call (per field), remembering what was sent."""
-    sent = job.sent.setdefault(key, ["", ""])
-    delta: dict[str, str] = {}
-    for i, (name, text) in enumerate((("reasoning_content", reasoning), ("content", content))):
-        if text and len(text) > len(sent[i]) and text.startswith(sent[i]):
-            delta[name] = text[len(sent[i]):]
-            sent[i] = text
-    return delta
+    async def run(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
-def partial_view(job: Job, row: Any, engine: Any) -> tuple[str | None, str | None]:
-    """(reasoning, content) of a row being decoded, in the form the endpoint returns."""
-    reasoning, text = row.policy.partial(row, engine)
-    if reasoning is None:
-        return None, sendable(text, job.params.stop)
-    reasoning = reasoning.rstrip("\ufffd")
-    if not job.chat:  # completions stream the raw text: thinking now, the rest at the end
-        return None, reasoning
-    return reasoning, sendable(text, job.params.stop)
-
-
-def final_view(job: Job, c: Any) -> tuple[str | None, str]:
-    if job.chat:
-        return proto.message_parts(c, job.params.budget is not None)
-    return None, c.text
-
-
-async def isolate_failed_batch(generate, executor, jobs: list[Job], prompts: list, params: list, owner: list,
-                               rest: list[list[tuple]]) -> list[list[tuple]]:
-    """After a failed engine batch: rerun each request alone, so only the one at fault fails.
-    A stream that already received text cannot be restarted consistently: it gets the error.
-    Returns, per job, its pending events plus ``final`` (outputs) or ``error``."""
-    loop = asyncio.get_running_loop()
-    out: list[list[tuple]] = []
-    for j, job in enumerate(jobs):
-        idx = [i for i, (jj, _) in enumerate(owner) if jj == j]
-        if job.sent:
-            out.append(rest[j] + [("error", "generation failed in this request's batch after streaming began")])
-            continue
+    def chat_ids(self, messages: list[dict]) -> list[int]:
         try:
-            res = await loop.run_in_executor(executor, lambda idx=idx: generate([prompts[i] for i in idx],
-                                                                                [params[i] for i in idx]))
-            out.append(rest[j] + [("final", res)])
-        except Exception as e:  # noqa: BLE001 - this request is the one at fault
-            log.warning("request failed alone: %s", e)
-            out.append(rest[j] + [("error", f"generation failed: {e}")])
-    return out
+            return self.encode(apply_chat_template(self.tok, messages))
+        except Exception as e:  # e.g. a template that rejects the role order
+            raise proto.OpenAIError(f"messages do not fit the model's chat template: {e}", param="messages") from None
+
+    def budget(self, budget: BudgetConfig):
+        return self._budgets.get(budget.model_dump_json(), lambda: tokenize_budget(self.tok, budget, set()))
+
+    def entries(self, ids: list[int], lps: list[float] | None, tops: list | None) -> list[proto.LogprobEntry] | None:
+        """Token texts for log-prob answers."""
+        if lps is None:
+            return None
+        dec = lambda t: self.tok.decode([t])  # noqa: E731
+        return [(dec(t), lp, [(dec(a), b) for a, b in (tops[i] if tops else None) or []])
+                for i, (t, lp) in enumerate(zip(ids, lps))]
+
+
+def _answer_slice(c: Completion) -> slice:
+    """The answer's tokens of a completion (after thinking and the delimiter)."""
+    if c.budget is None:
+        return slice(0, None)
+    return slice(c.budget["thinking_tokens"] + c.budget["control_tokens"], None)
 
 
 @serve.deployment(name="openai")
 @serve.ingress(api)
 class OpenAIServer:
     def __init__(self, cfg: dict, key_hashes: list[str]):
+        from actors.engine.runner import EngineLoop
         from actors.generator import EngineHost
 
         self.cfg = ServeConfig(**cfg)
         self.key_hashes = list(key_hashes)
         self.host = EngineHost(self.cfg.engine, num_cpus=self.cfg.engine.cpus_per_actor)
         self.engine = self.host.engine
+        self.loop = EngineLoop(self.engine)
+        self.side = RequestSide(self.engine.tokenizer)
         self.model_id = self.cfg.model_id()
-        self.max_len = int(getattr(self.engine, "max_len", None) or self.cfg.engine.max_model_len or 2048)
+        self.max_len = int(self.engine.max_len)
         self.limits = proto.Limits(max_model_len=self.max_len, default_max_tokens=self.cfg.default_max_tokens,
                                    max_tokens_limit=self.cfg.max_tokens_limit, max_n=self.cfg.max_n,
-                                   vocab_size=len(self.engine.tokenizer))
-        self.streams_tokens = "on_token" in inspect.signature(self.engine.generate).parameters
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+                                   vocab_size=self.engine.vocab_size)
         self.created = proto.now()
-        self.stats = {"batches": 0, "requests": 0, "sequences": 0, "largest_batch": 0}  # on /health
-        self._batched.set_max_batch_size(self.cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.stats = {"requests": 0, "streams": 0, "cancelled": 0, "failed": 0}  # on /health
 
     # ------------------------------------------------------------------ plumbing
     def _authorize(self, request: Request) -> None:
@@ -157,115 +136,80 @@ class OpenAIServer:
             return req.budget_forcing
         return self.cfg.default_budget if chat else None
 
-    def _budget_tokens(self, budget: BudgetConfig):
-        """The budget's delimiters as token ids, from the engine's cache (the lengths do not
-        depend on the request's stop settings)."""
-        return budget_tokens(self.engine, budget, SamplingConfig())
+    def _check_ids(self, prompt: list[int]) -> list[int]:
+        vocab = self.engine.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
+            raise proto.OpenAIError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        return list(prompt)
 
-    def _control_tokens(self, budget: BudgetConfig) -> int:
-        toks = self._budget_tokens(budget)
-        return len(toks.think_end) + len(toks.cue)
+    async def _params(self, req: proto._Common, prompts: list[list[int]], budget: BudgetConfig | None) -> SamplingConfig:
+        extra, control = 0, 0
+        if budget is not None:
+            toks = await self.side.run(self.side.budget, budget)
+            extra, control = len(toks.think_start), len(toks.think_end) + len(toks.cue)
+        longest = max(len(p) for p in prompts) + extra
+        return proto.sampling_for(req, self.limits, longest, budget, control)
 
-    def _prompt_tokens(self, prompt: Any, budget: BudgetConfig | None) -> int:
-        if isinstance(prompt, list):
-            vocab = len(self.engine.tokenizer)
-            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
-                raise proto.OpenAIError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-            n = len(prompt)
-        else:
-            n = self.engine.count_tokens(prompt)
-        return n + (len(self._budget_tokens(budget).think_start) if budget is not None else 0)
-
-    # ------------------------------------------------------------------ the engine batch
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, jobs: list[Job]) -> AsyncIterator[list[list[tuple]]]:
-        """Run the requests of ``jobs`` as one engine batch; yield, per job, the events since
-        the last yield (``delta`` for streamed text, then ``final`` or ``error``)."""
-        loop = asyncio.get_running_loop()
+    # ------------------------------------------------------------------ running requests
+    async def _stream(self, job: Job) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Events of every prompt of the job, merged as they come: (prompt index, event). A
+        request the engine refuses is a 400 before anything is sent."""
         queue: asyncio.Queue = asyncio.Queue()
-        prompts, params, owner = [], [], []
-        for j, job in enumerate(jobs):
-            for k, p in enumerate(job.prompts):
-                prompts.append(p)
-                params.append(job.params)
-                owner.append((j, k))
-        streaming = self.streams_tokens and any(job.stream for job in jobs)
+        done = object()
 
-        def on_token(row: Any) -> None:  # engine thread
-            j, k = owner[row.request]
-            job = jobs[j]
-            if not job.stream:
-                return
-            delta = advance(job, (k, row.sample), *partial_view(job, row, self.engine))
-            if delta:
-                loop.call_soon_threadsafe(queue.put_nowait, (j, ("delta", k, row.sample, delta)))
+        async def pump(k: int, agen) -> None:
+            try:
+                async for ev in agen:
+                    queue.put_nowait((k, ev))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((k, e))
+            finally:
+                queue.put_nowait((k, done))
 
-        def run() -> list[GenerationOutput]:
-            if streaming:
-                return self.engine.generate(prompts, params, on_token=on_token)
-            return self.engine.generate(prompts, params)
-
-        def drain(first: list) -> list[list[tuple]]:
-            items = first
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            per_job: list[list[tuple]] = [[] for _ in jobs]
-            for j, ev in items:
-                per_job[j].append(ev)
-            return per_job
-
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(jobs)
-        self.stats["sequences"] += len(prompts)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        fut = loop.run_in_executor(self.executor, run)
-        while not fut.done():
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, fut}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                first = [getter.result()]
-            else:
-                getter.cancel()
-                first = []
-            if first or not queue.empty():
-                yield drain(first)
-        rest = drain([])
+        gens = [self.loop.stream(p, job.params, f"{job.rid}-{k}") for k, p in enumerate(job.prompts)]
+        tasks = [asyncio.ensure_future(pump(k, g)) for k, g in enumerate(gens)]
+        open_, finished = len(tasks), False
         try:
-            outs = fut.result()
-        except Exception:  # noqa: BLE001 - find the request at fault: each one runs alone
-            log.exception("engine batch of %d requests failed; running them one by one", len(jobs))
-            yield await self._isolate(jobs, prompts, params, owner, rest)
-            return
-        final: list[list[tuple]] = [[] for _ in jobs]
-        for i, (j, k) in enumerate(owner):
-            final[j].append(outs[i])
-        yield [evs + [("final", final[j])] for j, evs in enumerate(rest)]
-
-    async def _isolate(self, jobs: list[Job], prompts: list, params: list, owner: list,
-                       rest: list[list[tuple]]) -> list[list[tuple]]:
-        self.stats["isolated_batches"] = self.stats.get("isolated_batches", 0) + 1
-        return await isolate_failed_batch(self.engine.generate, self.executor, jobs, prompts, params, owner, rest)
-
-    async def _events(self, job: Job) -> AsyncIterator[tuple]:
-        async for events in self._batched(job):
-            for ev in events:
-                yield ev
+            while open_:
+                k, item = await queue.get()
+                if item is done:
+                    open_ -= 1
+                elif isinstance(item, RequestError):
+                    raise proto.OpenAIError(str(item), param="prompt" if len(job.prompts) > 1 else None)
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield k, item
+            finished = True
+        finally:
+            if not finished:
+                self.stats["cancelled"] += 1
+            for t in tasks:
+                t.cancel()  # the cancellation reaches each engine stream, which aborts its request
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _outputs(self, job: Job) -> list[GenerationOutput]:
-        outs, error = None, None
-        async for ev in self._events(job):  # to the end: serve.batch hands every caller its end marker
-            if ev[0] == "final":
-                outs = ev[1]
-            elif ev[0] == "error":
-                error = ev[1]
-        if error is not None or outs is None:
-            raise proto.OpenAIError(error or "the engine returned nothing", status=500, type="server_error")
-        return outs
+        n = job.params.n
+        comps: list[list[Completion | None]] = [[None] * n for _ in job.prompts]
+        prompt_tokens = [0] * len(job.prompts)
+        async for k, ev in self._stream(job):
+            if ev.finished:
+                comps[k][ev.index] = ev.completion
+                prompt_tokens[k] = (ev.usage or {}).get("prompt_tokens", 0)
+        failed = [c for cs in comps for c in cs if c is None or c.finish_reason == "error"]
+        if failed:
+            self.stats["failed"] += 1
+            msg = failed[0].error if failed[0] is not None else "the engine returned nothing"
+            raise proto.OpenAIError(msg or "generation failed", status=500, type="server_error")
+        return [GenerationOutput(prompt="", prompt_token_ids=[], completions=cs, request_index=k,
+                                 metrics={"prompt_tokens": prompt_tokens[k]}) for k, cs in enumerate(comps)]
 
     # ------------------------------------------------------------------ endpoints
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_id, **self.host.info(), "batching": dict(self.stats)}
+        return {"status": "ok", "model": self.model_id, **self.host.info(),
+                "engine": {**self.engine.stats, "running_rows": self.engine.running()},
+                "requests": dict(self.stats)}
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "selftaught",
@@ -287,87 +231,149 @@ class OpenAIServer:
         req = proto.parse(proto.ChatCompletionRequest, await self._body(request))
         self._check_model(req.model)
         budget = self._budget(req, chat=True)
-        try:
-            prompt = self.engine.apply_chat_template([m.as_dict() for m in req.messages])
-        except Exception as e:  # e.g. a template that rejects the role order
-            raise proto.OpenAIError(f"messages do not fit the model's chat template: {e}", param="messages") from None
-        params = proto.sampling_for(req, self.limits, self._prompt_tokens(prompt, budget), budget,
-                                    self._control_tokens(budget) if budget else 0)
-        job = Job([prompt], params, stream=req.stream, chat=True)
-        rid, created = proto.new_id("chatcmpl"), proto.now()
+        ids = await self.side.run(self.side.chat_ids, [m.as_dict() for m in req.messages])
+        params = await self._params(req, [ids], budget)
+        job = Job(proto.new_id("chatcmpl"), [ids], params, chat=True)
+        self.stats["requests"] += 1
+        created = proto.now()
         if req.stream:
-            return self._sse(self._chat_stream(job, rid, created, req.include_usage()))
-        outs = await self._outputs(job)
-        return proto.chat_response(rid, created, self.model_id, outs[0], budget is not None)
+            return await self._sse(self._chat_stream(job, created, req.include_usage()))
+        out = (await self._outputs(job))[0]
+        lps = None
+        if params.logprobs is not None:
+            lps = [await self.side.run(self.side.entries, c.token_ids[_answer_slice(c)],
+                                       c.logprobs[_answer_slice(c)] if c.logprobs is not None else None,
+                                       c.top_logprobs[_answer_slice(c)] if c.top_logprobs else None)
+                   for c in out.completions]
+        return proto.chat_response(job.rid, created, self.model_id, out, budget is not None, lps)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         req = proto.parse(proto.CompletionRequest, await self._body(request))
         self._check_model(req.model)
-        prompts = req.prompts()
-        if len(prompts) > self.cfg.max_prompts:
-            raise proto.OpenAIError(f"{len(prompts)} prompts exceed this server's limit of "
+        raw = req.prompts()
+        if len(raw) > self.cfg.max_prompts:
+            raise proto.OpenAIError(f"{len(raw)} prompts exceed this server's limit of "
                                     f"{self.cfg.max_prompts} per request", param="prompt")
+        prompts = [self._check_ids(p) if isinstance(p, list) else await self.side.run(self.side.encode, p)
+                   for p in raw]
         budget = self._budget(req, chat=False)
-        longest = max(self._prompt_tokens(p, budget) for p in prompts)
-        params = proto.sampling_for(req, self.limits, longest, budget,
-                                    self._control_tokens(budget) if budget else 0)
-        job = Job(prompts, params, stream=req.stream, chat=False)
-        rid, created = proto.new_id("cmpl"), proto.now()
+        params = await self._params(req, prompts, budget)
+        job = Job(proto.new_id("cmpl"), prompts, params, chat=False)
+        self.stats["requests"] += 1
+        created = proto.now()
         if req.stream:
-            return self._sse(self._completion_stream(job, rid, created, req.include_usage()))
+            return await self._sse(self._completion_stream(job, created, req.include_usage()))
         outs = await self._outputs(job)
-        return proto.completion_response(rid, created, self.model_id, outs)
+        lps = None
+        if params.logprobs is not None:
+            lps = [[await self.side.run(self.side.entries, c.token_ids, c.logprobs, c.top_logprobs)
+                    for c in o.completions] for o in outs]
+        return proto.completion_response(job.rid, created, self.model_id, outs, lps)
 
     # ------------------------------------------------------------------ streaming
-    @staticmethod
-    def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def _sse(self, chunks: AsyncIterator[dict]) -> StreamingResponse:
+        """A server-sent-event response. The first chunk is produced before the response
+        starts, so a request the engine refuses still gets its 4xx status."""
+        try:
+            first = await chunks.__anext__()
+        except BaseException:
+            await chunks.aclose()
+            raise
+
         async def body():
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
+            try:
+                yield f"data: {json.dumps(first)}\n\n"
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await chunks.aclose()  # a client that went away aborts its engine request
+        self.stats["streams"] += 1
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _chat_stream(self, job: Job, rid: str, created: int, include_usage: bool):
-        n = job.params.n
-        for i in range(n):
-            yield proto.chat_chunk(rid, created, self.model_id, i, {"role": "assistant", "content": ""})
-        async for ev in self._events(job):
-            if ev[0] == "delta":
-                _, _, s, delta = ev
-                yield proto.chat_chunk(rid, created, self.model_id, s, delta)
-            elif ev[0] == "error":
-                yield proto.OpenAIError(ev[1], status=500, type="server_error").body()
-                return
-            else:
-                out = ev[1][0]
-                for s, c in enumerate(out.completions):
-                    delta = advance(job, (0, s), *final_view(job, c))
-                    extra = {"budget": c.budget} if c.budget is not None else None
-                    yield proto.chat_chunk(rid, created, self.model_id, s, delta, c.finish_reason, extra)
-                if include_usage:
-                    yield proto.usage_chunk(rid, created, self.model_id, "chat.completion.chunk", [out])
+    async def _chat_stream(self, job: Job, created: int, include_usage: bool):
+        n, budget = job.params.n, job.params.budget is not None
+        want_lp = job.params.logprobs is not None
+        events = self._stream(job)
+        try:
+            async for chunk in self._chat_chunks(job, events, created, include_usage, n, budget, want_lp):
+                yield chunk
+        finally:
+            await events.aclose()  # a client that left aborts its engine request
 
-    async def _completion_stream(self, job: Job, rid: str, created: int, include_usage: bool):
+    async def _chat_chunks(self, job: Job, events, created: int, include_usage: bool, n: int, budget: bool,
+                           want_lp: bool):
+        first = await events.__anext__()  # the engine accepted the request
+        for i in range(n):
+            yield proto.chat_chunk(job.rid, created, self.model_id, i, {"role": "assistant", "content": ""})
+        usage: list[GenerationOutput] = []
+        pending = [first]
+        while True:
+            for _, ev in pending:
+                if ev.error:
+                    yield proto.OpenAIError(ev.error, status=500, type="server_error").body()
+                    return
+                delta: dict[str, str] = {}
+                if ev.text and ev.phase == "answer":
+                    delta["content"] = ev.text
+                elif ev.text and ev.phase == "reasoning":
+                    delta["reasoning_content" if budget else "content"] = ev.text
+                lps = None
+                if want_lp and ev.phase == "answer" and ev.token_ids:
+                    lps = await self.side.run(self.side.entries, ev.token_ids, ev.logprobs, ev.top_logprobs)
+                if ev.finished:
+                    c = ev.completion
+                    extra = {"budget": c.budget} if c.budget is not None else None
+                    yield proto.chat_chunk(job.rid, created, self.model_id, ev.index, delta, c.finish_reason, extra, lps)
+                    pt = (ev.usage or {}).get("prompt_tokens", 0) if not usage else 0  # one prompt, n samples
+                    usage.append(GenerationOutput("", [], [c], metrics={"prompt_tokens": pt}))
+                elif delta or lps:
+                    yield proto.chat_chunk(job.rid, created, self.model_id, ev.index, delta, logprobs=lps)
+            try:
+                pending = [await events.__anext__()]
+            except StopAsyncIteration:
+                break
+        if include_usage:
+            yield proto.usage_chunk(job.rid, created, self.model_id, "chat.completion.chunk", usage)
+
+    async def _completion_stream(self, job: Job, created: int, include_usage: bool):
+        events = self._stream(job)
+        try:
+            async for chunk in self._completion_chunks(job, events, created, include_usage):
+                yield chunk
+        finally:
+            await events.aclose()
+
+    async def _completion_chunks(self, job: Job, events, created: int, include_usage: bool):
         n = job.params.n
-        async for ev in self._events(job):
-            if ev[0] == "delta":
-                _, k, s, delta = ev
-                yield proto.completion_chunk(rid, created, self.model_id, k * n + s, delta.get("content", ""))
-            elif ev[0] == "error":
-                yield proto.OpenAIError(ev[1], status=500, type="server_error").body()
+        want_lp = job.params.logprobs is not None
+        offsets: dict[int, int] = {}
+        usage: list[GenerationOutput] = []
+        seen_prompt: set[int] = set()
+        async for k, ev in events:
+            if ev.error:
+                yield proto.OpenAIError(ev.error, status=500, type="server_error").body()
                 return
-            else:
-                for k, out in enumerate(ev[1]):
-                    for s, c in enumerate(out.completions):
-                        _, text = final_view(job, c)
-                        delta = advance(job, (k, s), None, text).get("content", "")
-                        extra = {"budget": c.budget} if c.budget is not None else None
-                        yield proto.completion_chunk(rid, created, self.model_id, k * n + s, delta,
-                                                     c.finish_reason, extra)
-                if include_usage:
-                    yield proto.usage_chunk(rid, created, self.model_id, "text_completion", ev[1])
+            index = k * n + ev.index
+            lps = None
+            if want_lp and ev.token_ids:
+                lps = await self.side.run(self.side.entries, ev.token_ids, ev.logprobs, ev.top_logprobs)
+            off = offsets.get(index, 0)
+            offsets[index] = off + len(ev.text)
+            if ev.finished:
+                c = ev.completion
+                extra = {"budget": c.budget} if c.budget is not None else None
+                yield proto.completion_chunk(job.rid, created, self.model_id, index, ev.text, c.finish_reason,
+                                             extra, lps, off)
+                pt = (ev.usage or {}).get("prompt_tokens", 0) if k not in seen_prompt else 0
+                seen_prompt.add(k)
+                usage.append(GenerationOutput("", [], [c], metrics={"prompt_tokens": pt}))
+            elif ev.text or lps:
+                yield proto.completion_chunk(job.rid, created, self.model_id, index, ev.text, logprobs=lps, offset=off)
+        if include_usage:
+            yield proto.usage_chunk(job.rid, created, self.model_id, "text_completion", usage)
 
 
 def build_openai_app(cfg: ServeConfig):

@@ -1,12 +1,13 @@
 """The OpenAI wire format for the Serve app: request models, validation, response shapes.
 
 Pure functions and pydantic models (no Ray), so the protocol is tested without a cluster.
-Requests follow the OpenAI API; fields the engine cannot honour (tools, logprobs, penalties)
-are refused with a 400 naming the field rather than silently ignored, since a client that
-sends them expects their effect. Fields no version of the API defines are ignored with a
-warning, as vLLM does, so newer clients keep working. Extra body fields (``extra_body`` in the
-``openai`` client) carry engine settings: ``budget_forcing`` (a :class:`BudgetConfig`),
-``top_k``, ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``.
+Requests follow the OpenAI API; fields the engine cannot honour (tools, penalties, echo) are
+refused with a 400 naming the field rather than silently ignored, since a client that sends
+them expects their effect. Fields no version of the API defines are ignored with a warning, as
+vLLM does, so newer clients keep working. Extra body fields (``extra_body`` in the ``openai``
+client) carry engine settings: ``budget_forcing`` (a :class:`BudgetConfig`), ``top_k``,
+``min_tokens``, ``stop_token_ids``, ``ignore_eos``, and vLLM's ``guided_json``,
+``guided_regex`` and ``guided_choice`` for structured output.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.engine.base import Completion, GenerationOutput
-from selftaught.config import BudgetConfig, SamplingConfig
+from selftaught.config import BudgetConfig, SamplingConfig, StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,45 @@ class _Common(_Open):
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     ignore_eos: bool = False
     budget_forcing: BudgetConfig | Literal[False] | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        """The requested output constraint: OpenAI's ``response_format`` or vLLM's guided fields."""
+        given = [x for x in (self.guided_json, self.guided_regex, self.guided_choice) if x is not None]
+        rf = self.response_format or {}
+        kind = rf.get("type", "text") if isinstance(rf, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise OpenAIError(f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                              param="response_format")
+        if len(given) + (kind != "text") > 1:
+            raise OpenAIError("give one of response_format, guided_json, guided_regex, guided_choice",
+                              param="response_format")
+        try:
+            if kind == "json_schema":
+                spec = rf.get("json_schema") or {}
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise OpenAIError("response_format.json_schema.schema must be a JSON schema object",
+                                      param="response_format")
+                return StructuredOutput(type="json_schema", json_schema=schema)
+            if kind == "json_object":
+                return StructuredOutput(type="json_object")
+            if self.guided_json is not None:
+                return StructuredOutput(type="json_schema", json_schema=self.guided_json)
+            if self.guided_regex is not None:
+                return StructuredOutput(type="regex", regex=self.guided_regex)
+            if self.guided_choice is not None:
+                return StructuredOutput(type="choice", choice=self.guided_choice)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        return None
+
+    def logprob_count(self) -> int | None:
+        """``SamplingConfig.logprobs`` for this request (None: none asked)."""
+        return None
 
     def unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -127,24 +167,24 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise OpenAIError("logprobs are not supported by this server", param="logprobs")
         for name in ("tools", "functions"):
             if getattr(self, name):
                 raise OpenAIError(f"{name} (function calling) is not supported by this server", param=name)
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
             raise OpenAIError("tool_choice needs tools, which this server does not support", param="tool_choice")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise OpenAIError("only response_format {'type': 'text'} is supported", param="response_format")
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -153,16 +193,17 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def unsupported(self) -> None:
         super().unsupported()
         if self.echo:
             raise OpenAIError("echo is not supported by this server", param="echo")
-        if self.logprobs:
-            raise OpenAIError("logprobs are not supported by this server", param="logprobs")
         if self.suffix:
             raise OpenAIError("suffix (insertion) is not supported by this server", param="suffix")
         if self.best_of not in (None, self.n):
@@ -257,7 +298,7 @@ def sampling_for(req: _Common, limits: Limits, prompt_tokens: int, budget: Budge
             top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k, max_new_tokens=max_new,
             min_new_tokens=min(req.min_tokens, max_new), stop=req.stops(),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, seed=req.seed,
-            n=req.n, budget=budget)
+            n=req.n, budget=budget, logprobs=req.logprob_count(), response_format=req.structured())
     except ValidationError as e:
         raise validation_error(e) from None
 
@@ -279,7 +320,7 @@ def message_parts(c: Completion, budget: bool) -> tuple[str | None, str]:
 
 
 def usage(outputs: list[GenerationOutput]) -> dict[str, Any]:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    prompt = sum(o.metrics.get("prompt_tokens", len(o.prompt_token_ids)) for o in outputs)
     comps = [c for o in outputs for c in o.completions]
     completion = sum(c.num_tokens for c in comps)
     out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -289,7 +330,32 @@ def usage(outputs: list[GenerationOutput]) -> dict[str, Any]:
     return out
 
 
-def chat_response(rid: str, created: int, model: str, out: GenerationOutput, budget: bool) -> dict[str, Any]:
+LogprobEntry = tuple[str, float, list[tuple[str, float]]]  # token text, its log-prob, top alternatives
+
+
+def chat_logprobs(entries: list[LogprobEntry] | None) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs`` object: per content token, its text, log-prob, UTF-8 bytes and
+    the top alternatives."""
+    if entries is None:
+        return None
+    item = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}  # noqa: E731
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in alts]} for t, lp, alts in entries]}
+
+
+def completion_logprobs(entries: list[LogprobEntry] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions ``logprobs`` object: parallel lists and character offsets."""
+    if entries is None:
+        return None
+    offsets, pos = [], offset
+    for t, _, _ in entries:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(alts) for _, _, alts in entries], "text_offset": offsets}
+
+
+def chat_response(rid: str, created: int, model: str, out: GenerationOutput, budget: bool,
+                  logprobs: list[list[LogprobEntry] | None] | None = None) -> dict[str, Any]:
     choices = []
     for i, c in enumerate(out.completions):
         reasoning, content = message_parts(c, budget)
@@ -297,7 +363,7 @@ def chat_response(rid: str, created: int, model: str, out: GenerationOutput, bud
         if reasoning is not None:
             message["reasoning_content"] = reasoning
         choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": c.finish_reason,
-                                  "logprobs": None}
+                                  "logprobs": chat_logprobs(logprobs[i]) if logprobs else None}
         if c.budget is not None:
             choice["budget"] = c.budget
         choices.append(choice)
@@ -305,13 +371,15 @@ def chat_response(rid: str, created: int, model: str, out: GenerationOutput, bud
             "choices": choices, "usage": usage([out])}
 
 
-def completion_response(rid: str, created: int, model: str, outputs: list[GenerationOutput]) -> dict[str, Any]:
+def completion_response(rid: str, created: int, model: str, outputs: list[GenerationOutput],
+                        logprobs: list[list[list[LogprobEntry] | None]] | None = None) -> dict[str, Any]:
     choices = []
     for k, out in enumerate(outputs):
         n = len(out.completions)
         for s, c in enumerate(out.completions):
+            lp = completion_logprobs(logprobs[k][s]) if logprobs else None
             choice: dict[str, Any] = {"index": k * n + s, "text": c.text, "finish_reason": c.finish_reason,
-                                      "logprobs": None}
+                                      "logprobs": lp}
             if c.budget is not None:
                 choice["budget"] = c.budget
             choices.append(choice)
@@ -320,14 +388,18 @@ def completion_response(rid: str, created: int, model: str, outputs: list[Genera
 
 
 def chat_chunk(rid: str, created: int, model: str, index: int, delta: dict[str, Any],
-               finish_reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None, **(extra or {})}
+               finish_reason: str | None = None, extra: dict[str, Any] | None = None,
+               logprobs: list[LogprobEntry] | None = None) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
+              "logprobs": chat_logprobs(logprobs), **(extra or {})}
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
 def completion_chunk(rid: str, created: int, model: str, index: int, text: str,
-                     finish_reason: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None, **(extra or {})}
+                     finish_reason: str | None = None, extra: dict[str, Any] | None = None,
+                     logprobs: list[LogprobEntry] | None = None, offset: int = 0) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "finish_reason": finish_reason,
+              "logprobs": completion_logprobs(logprobs, offset), **(extra or {})}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 

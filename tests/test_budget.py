@@ -159,8 +159,105 @@ def test_budget_tokens_include_delimiter_and_stops(engine):
     b = BudgetConfig()
     p = SamplingConfig(stop_token_ids=[7])
     toks = budget_tokens(engine, b, p)
-    assert toks.think_end[0] in toks.triggers and 7 in toks.triggers
+    assert len(toks.think_end) > 1  # this tokenizer splits the default delimiter
+    assert toks.think_end[0] not in toks.triggers  # only the whole delimiter ends thinking
+    assert toks.think_end[0] in toks.masked and 7 in toks.triggers
     assert engine.eos_ids <= toks.triggers
+    one = BudgetConfig(think_end=engine.tokenizer.decode([toks.think_end[0]]))
+    assert budget_tokens(engine, one, p).think_end[0] in budget_tokens(engine, one, p).triggers
+
+
+SEEDED = dict(temperature=1.0, seed=11, ignore_eos=True)
+
+
+def _sampled_delimiter(engine):
+    """A prompt, a seeded sample and a two-token string the model writes in it by itself."""
+    for prompt in ("Once upon a time", "The river flows", "In the year", "A king"):
+        ids = _ids(engine, prompt)
+        g = engine.generate([ids], SamplingConfig(max_new_tokens=16, **SEEDED))[0]
+        toks = g.completions[0].token_ids
+        for i in range(1, 10):
+            text = engine.tokenizer.decode(toks[i:i + 2])
+            if _ids(engine, text) == toks[i:i + 2] and not any(toks[j:j + 2] == toks[i:i + 2] for j in range(i)):
+                return ids, toks, i, text
+    pytest.skip("no two-token delimiter found in the tiny model's samples")
+
+
+def teacher_forced(engine, prompt: list[int], completion: list[int]) -> list[float]:
+    """Log-probs of ``completion`` after ``prompt``, from one forward pass over both."""
+    import torch
+
+    x = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = engine.model(input_ids=x).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return [float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(completion)]
+
+
+def test_multi_token_delimiter_written_by_the_model_ends_thinking(engine):
+    ids, toks, i, delim = _sampled_delimiter(engine)
+    b = BudgetConfig(think_start="", think_end=delim, max_answer_tokens=3)
+    p = SamplingConfig(max_new_tokens=20, budget=b, **SEEDED)
+    c = engine.generate([ids], p)[0].completions[0]
+    assert c.token_ids[:i + 2] == toks[:i + 2]  # the model's own tokens, delimiter included
+    assert c.budget["thinking_tokens"] == i and c.budget["control_tokens"] == 2
+    assert c.reasoning == engine.tokenizer.decode(toks[:i], skip_special_tokens=True)
+
+
+def test_round_driver_recognises_a_multi_token_delimiter(engine):
+    """Greedy: the model's first two tokens are the delimiter; both paths agree exactly."""
+    ids = _ids(engine, "Once upon a time")
+    g = engine.generate([ids], SamplingConfig(temperature=0.0, max_new_tokens=2, ignore_eos=True))[0]
+    pair = g.completions[0].token_ids
+    delim = engine.tokenizer.decode(pair)
+    if _ids(engine, delim) != pair:
+        pytest.skip("the greedy pair does not re-encode to itself")
+    p = SamplingConfig(temperature=0.0, max_new_tokens=10, ignore_eos=True,
+                       budget=BudgetConfig(think_start="", think_end=delim, max_answer_tokens=4))
+    direct = engine.generate([ids], p)[0].completions[0]
+    rounds = generate_in_rounds(engine, [ids], [p])[0][0]
+    assert direct.budget["control_tokens"] == 2 and direct.budget["thinking_tokens"] == 0
+    assert rounds.token_ids == direct.token_ids and rounds.budget == direct.budget
+
+
+def test_overruled_multi_token_delimiter_is_taken_back(engine):
+    """With an extension due, the delimiter's first token is retracted (out of the text, the
+    attention and the positions) and the extension follows the thinking before it."""
+    ids, toks, i, delim = _sampled_delimiter(engine)
+    b = BudgetConfig(think_start="", think_end=delim, num_extensions=1, extension="Wait", max_thinking_tokens=16)
+    p = SamplingConfig(max_new_tokens=24, budget=b, logprobs=0, **SEEDED)
+    events = []
+    engine.add_request("retract", ids, p, on_event=events.append)
+    while engine.has_unfinished():
+        engine.step()
+    c = events[-1].completion
+    wait = _ids(engine, "Wait")
+    head = toks[:i] + wait
+    assert c.token_ids[:len(head)] == head and c.budget["extensions"] == 1
+    # every log-prob is the model's on exactly the kept prefix: nothing retracted leaks
+    ref = teacher_forced(engine, ids, c.token_ids)
+    assert c.logprobs == pytest.approx(ref, abs=1e-4)
+    # the stream never showed the retracted token as reasoning
+    reasoning = "".join(e.text for e in events if e.phase == "reasoning")
+    assert reasoning == c.reasoning
+
+
+def test_min_tokens_hold_with_a_budget(engine):
+    """``min_new_tokens`` counts the whole completion: the answer may not stop before it."""
+    b = BudgetConfig(max_thinking_tokens=2, extension="")
+    p = _all_stop(engine, b, min_new_tokens=12, max_new_tokens=30)
+    c = engine.generate([PROMPT], p)[0].completions[0]
+    assert c.num_tokens >= 12 and c.finish_reason == "stop"
+    rounds = generate_in_rounds(engine, [_ids(engine, PROMPT)], [p])[0][0]
+    assert rounds.num_tokens >= 12
+
+
+def test_round_driver_draws_a_fresh_seed_each_round(engine):
+    from actors.engine.budget import BudgetUsage, _round_params, _Sample
+
+    s = _Sample([1], SamplingConfig(seed=5), None, 5, [], BudgetUsage())
+    seeds = {_round_params(s, max_new_tokens=4).seed for _ in range(5)}
+    assert len(seeds) == 5
 
 
 def test_budget_config_rejects_inconsistent_settings():

@@ -31,16 +31,6 @@ def test_greedy_matches_transformers_generate(engine):
         assert o.prompt_token_ids == engine.tokenizer(p, add_special_tokens=False)["input_ids"]
 
 
-def test_static_cache_path_matches_dynamic(tiny_lm_dir, engine):
-    static = create_engine(EngineConfig(backend="transformers", model=str(tiny_lm_dir), compile=True,
-                                        max_batch_size=4), model=engine.model, tokenizer=engine.tokenizer)
-    assert static.use_static
-    params = SamplingConfig(temperature=0, max_new_tokens=8, ignore_eos=True)
-    a = [o.completions[0].token_ids for o in engine.generate(PROMPTS, params)]
-    b = [o.completions[0].token_ids for o in static.generate(PROMPTS, params)]
-    assert a == b
-
-
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     p = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=10, seed=7, ignore_eos=True)
     one = engine.generate(PROMPTS[:1], p)[0].completions[0].token_ids

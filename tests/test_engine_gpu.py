@@ -1,4 +1,4 @@
-"""The engine's GPU path (static KV cache, compiled decode step): runs on the accelerator machine."""
+"""The engine on CUDA (continuous batching, eager and compiled forward): runs on the accelerator machine."""
 import pytest
 import torch
 
@@ -9,13 +9,13 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_static_path_matches_generate_on_cuda():
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_engine_matches_generate(compile):
     from selftaught.models import load_causal_lm
 
     tok, model = load_causal_lm("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
-    engine = create_engine(EngineConfig(backend="transformers", device="cuda", compile=True, max_batch_size=8,
+    engine = create_engine(EngineConfig(backend="transformers", device="cuda", compile=compile, max_batch_size=8,
                                         max_model_len=256), model=model, tokenizer=tok)
-    assert engine.use_static
     prompts = ["The capital of France is", "List three prime numbers:"]
     outs = engine.generate(prompts, SamplingConfig(temperature=0, max_new_tokens=16, ignore_eos=True))
     for p, o in zip(prompts, outs):

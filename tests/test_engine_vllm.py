@@ -27,10 +27,11 @@ def test_sampling_config_maps_field_for_field():
                                         ignore_eos=True, seed=3, n=2))
     assert kw == dict(n=2, temperature=0.5, top_p=0.9, top_k=20, max_tokens=7, min_tokens=2,
                       stop=["\n"], stop_token_ids=[5], ignore_eos=True, seed=3,
-                      skip_special_tokens=True)
+                      skip_special_tokens=True, logprobs=None)
     # Every SamplingConfig field has its vLLM counterpart (budgets run as rounds of requests).
     mapped = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
-    assert {mapped.get(f, f) for f in SamplingConfig.model_fields if f != "budget"} <= set(kw)
+    skip = {"budget", "response_format"}  # budgets run as rounds; a format maps only when set (below)
+    assert {mapped.get(f, f) for f in SamplingConfig.model_fields if f not in skip} <= set(kw)
     default = sampling_kwargs(SamplingConfig())
     assert default["top_k"] == -1 and default["stop"] is None and default["stop_token_ids"] is None
 
@@ -38,7 +39,8 @@ def test_sampling_config_maps_field_for_field():
 def test_engine_kwargs_cpu_and_gpu():
     cpu = engine_kwargs(EngineConfig(backend="vllm", max_model_len=512), "/m", on_cpu=True)
     assert cpu == {"model": "/m", "tokenizer": "/m", "dtype": "float32", "trust_remote_code": False,
-                   "seed": 0, "max_model_len": 512}
+                   "seed": 0, "max_model_len": 512,
+                   "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True}}
     assert engine_kwargs(EngineConfig(dtype="bfloat16"), "/m", on_cpu=True)["dtype"] == "float32"
     gpu = engine_kwargs(EngineConfig(dtype="bfloat16"), "/m", on_cpu=False)
     assert (gpu["dtype"], gpu["gpu_memory_utilization"], gpu["enforce_eager"]) == ("bfloat16", 0.85, True)
@@ -181,3 +183,57 @@ def test_budget_forcing_matches_transformers_backend(engines):
         assert (cx.reasoning, cx.answer) == (cy.reasoning, cy.answer)
     assert b[0].completions[0].budget["thinking_tokens"] <= 12
     assert b[2].completions[0].budget["thinking_tokens"] >= 10
+
+
+def test_streaming_aborts_logprobs_structured_and_weight_updates(engines):
+    """The stepping contract on vLLM: token-by-token events that add up to the completion,
+    aborts, raw log-probs equal to the transformers backend's, JSON-schema output, and new
+    weights loaded into the live engine."""
+    import json
+
+    from selftaught.config import StructuredOutput
+
+    hf, vl = engines
+    p = SamplingConfig(temperature=0, max_new_tokens=8, ignore_eos=True, logprobs=2)
+    events, other = [], []
+    vl.add_request("s1", "The capital of France is", p, on_event=events.append)
+    vl.add_request("s2", "Water boils at", SamplingConfig(temperature=0, max_new_tokens=200, ignore_eos=True),
+                   on_event=other.append)
+    for _ in range(3):
+        vl.step()
+    vl.abort("s2")
+    while vl.has_unfinished():
+        vl.step()
+    c = events[-1].completion
+    assert len(events) > 2 and "".join(e.text for e in events) == c.text
+    assert [t for e in events for t in e.token_ids] == c.token_ids
+    assert other[-1].finish_reason == "abort" and other[-1].completion.num_tokens < 200
+    ref = hf.generate(["The capital of France is"], p)[0].completions[0]
+    assert c.token_ids == ref.token_ids
+    assert c.logprobs == pytest.approx(ref.logprobs, abs=2e-3)
+    assert [a for a, _ in c.top_logprobs[0]] == [a for a, _ in ref.top_logprobs[0]]
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "people": {"type": "integer"}}, "required": ["city", "people"]}
+    fmt = StructuredOutput(type="json_schema", json_schema=schema)
+    outs = vl.generate(["Describe a city as JSON:"], SamplingConfig(temperature=1.0, seed=2, n=4, max_new_tokens=48,
+                                                                   response_format=fmt))
+    for comp in outs[0].completions:
+        if comp.finish_reason == "stop":
+            assert set(json.loads(comp.text)) == {"city", "people"}
+
+    greedy = SamplingConfig(temperature=0, max_new_tokens=8, ignore_eos=True)
+    before = vl.generate(["The capital of France is"], greedy)[0].completions[0].token_ids
+    original = {k: v.clone() for k, v in hf.model.state_dict().items()}
+    changed = {k: (v * 0.5 if k.endswith("mlp.down_proj.weight") else v) for k, v in original.items()}
+    try:
+        hf.update_weights(changed)
+        info = vl.update_weights(changed)
+        assert info["version"] == 1 and info["seconds"] > 0
+        want = hf.generate(["The capital of France is"], greedy)[0].completions[0].token_ids
+        got = vl.generate(["The capital of France is"], greedy)[0].completions[0].token_ids
+        assert got == want and got != before
+    finally:
+        hf.update_weights(original)
+        vl.update_weights(original)
+    assert vl.generate(["The capital of France is"], greedy)[0].completions[0].token_ids == before

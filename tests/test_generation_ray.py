@@ -83,7 +83,9 @@ def test_serve_generate_app(ray_cluster, engine_cfg, local_outputs):
                    c.post(url, json={"nothing": 1}),
                    c.post(url, json={"prompt": "x", "sampling": {"max_new_tokens": 100000}})]
             assert [b.status_code for b in bad] == [400, 400, 400, 400]
-            assert "temperature" in bad[1].json()["error"]
+            assert "temperature" in bad[1].json()["error"]["message"]  # the OpenAI error shape
+            assert c.post(url, json={"prompt": [1, 10**9]}).status_code == 400
+            assert c.get(url + "/nope").json()["error"]["code"] == "not_found"
     finally:
         serve.delete("gen")
         serve.shutdown()

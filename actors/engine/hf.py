@@ -1,89 +1,69 @@
-"""Transformers backend of the generation engine: our own batched decode loop.
+"""Transformers backend of the generation engine: our own continuous-batching decode loop.
 
-Why not ``model.generate``: every request in a batch may have its own sampling settings, seed,
-stop strings and length limits, finished rows are dropped from the KV cache as they end (so a
-batch costs what its live rows cost), and decode policies such as budget forcing need to force
-or forbid tokens per row at each step. On CUDA the loop can run on a static KV cache with a
-compiled decode step (CUDA graphs), the path that makes small-model decoding fast on a GPU.
+Why not ``model.generate`` (or transformers' own continuous-batching manager): every request
+may have its own sampling settings, seed, stop strings, grammar and length limits, and decode
+policies such as budget forcing need to force, forbid or take back tokens per row at each
+step; transformers' manager applies one generation config to all requests and has no per-row
+hooks. So the loop is ours, on transformers' KV cache:
+
+- one running batch on a ``DynamicCache``; between decode steps queued requests are prefilled
+  (together, left-padded) and merged into it, and finished or aborted rows are dropped from it,
+  so a batch costs what its live rows cost and nobody waits for a batch to drain;
+- a row's sequence is left-padded to the batch's width; columns every row pads are trimmed, and
+  positions are per row, so rows admitted at different times decode side by side;
+- a failure while prefilling a request fails that request alone; a failure in a row's own
+  post-processing (its policy, grammar, text) fails that row alone.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from actors.engine.base import (Completion, GenerationEngine, GenerationOutput, Prompt,
-                                first_stop, per_request)
-from actors.engine.budget import BudgetForcing, budget_tokens, with_think_start
+from actors.engine.base import (PLAIN, Completion, DecodePolicy, EventSink, GenerationEngine,
+                                IncrementalDetokenizer, Prompt, RequestError, RowState, StreamEvent,
+                                dispatch_events, first_stop)
+from actors.engine.budget import BudgetForcing, with_think_start
 from selftaught.config import EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RowState:
-    """Decode state of one sample (one row of a batch). Decode policies act through
-    ``forced`` (tokens to emit next, in order, instead of sampling) and ``banned`` (token ids
-    masked at the next sampling step)."""
-
-    index: int  # position in the flattened (request, sample) list
+class _Request:
+    id: str
+    prompt_ids: list[int]
     params: SamplingConfig
-    prompt_len: int
-    request: int = 0  # the prompt this row answers
-    sample: int = 0  # which of the prompt's n samples
-    generator: torch.Generator | None = None
-    tokens: list[int] = field(default_factory=list)
-    forced: deque = field(default_factory=deque)
-    banned: set[int] = field(default_factory=set)
-    done: bool = False
-    was_forced: bool = False  # the last token came from ``forced``, not from sampling
-    finish_reason: str = "length"
-    stop_reason: str | int | None = None
-    policy: Any = None
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.tokens)
+    sink: EventSink | None
+    policies: list[DecodePolicy]
+    rows: list["_Row"] = field(default_factory=list)
+    open: int = 0  # samples not finished yet
 
 
-class DecodePolicy:
-    """Hook for per-row decode policies (budget forcing and friends). The default policy is
-    plain decoding: stop on EOS / stop tokens after ``min_new_tokens``."""
+@dataclass
+class _Row(RowState):
+    """A row plus what the engine streams from it (never touched outside this module)."""
 
-    def before_step(self, row: RowState, engine: "TransformersEngine") -> None:
-        if row.n_generated < row.params.min_new_tokens:
-            row.banned.update(engine.stop_ids_for(row.params))
-
-    def on_sample(self, row: RowState, token: int, engine: "TransformersEngine") -> None:
-        """The model proposed ``token``; a policy may queue ``row.forced`` to replace it."""
-
-    def stop_strings_active(self, row: RowState) -> bool:
-        return True
-
-    def text_start(self, row: RowState) -> int:
-        """Index of the first generated token that stop strings are matched against."""
-        return 0
-
-    def partial(self, row: RowState, engine: "TransformersEngine") -> tuple[str | None, str]:
-        """(reasoning, text) decoded so far, for streaming; plain decoding has no reasoning."""
-        return None, engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
-
-    def after_token(self, row: RowState, token: int, engine: "TransformersEngine") -> bool:
-        """Return True when the row is finished by ``token``."""
-        p = row.params
-        if token in engine.stop_ids_for(p) and row.n_generated > p.min_new_tokens - 1 and not row.forced:
-            row.finish_reason, row.stop_reason = "stop", int(token)
-            if token in engine.eos_ids and token not in p.stop_token_ids:
-                row.tokens.pop()  # EOS is not part of the text
-            return True
-        return False
-
-
-PLAIN = DecodePolicy()
+    req: Any = None
+    logprobs: list[float] | None = None
+    top: list | None = None
+    pending_lp: tuple | None = None  # (log-prob, top-k) of the token being appended
+    lp_ring: Any = None  # recent next-token distributions of a row whose policy may retract
+    constraint: Any = None
+    pushed: int = 0  # tokens already given to the detokenizer (streamed)
+    seg_phase: str | None = None
+    seg: IncrementalDetokenizer | None = None
+    seg_text: str = ""  # text of the current phase segment so far
+    seg_sent: int = 0  # characters of ``seg_text`` already sent
+    error: str | None = None
 
 
 class TransformersEngine(GenerationEngine):
@@ -103,13 +83,29 @@ class TransformersEngine(GenerationEngine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model_name = cfg.model
         self.eos_ids = self._eos_ids()
-        self.max_len = cfg.max_model_len or getattr(model.config, "max_position_embeddings", 4096)
+        self.max_len = int(cfg.max_model_len or getattr(model.config, "max_position_embeddings", 4096))
+        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        self.weights_version = 0
         self._gen = torch.Generator(device="cpu")
         self._gen.manual_seed(0)
-        self.use_static = self.device == "cuda" or cfg.compile
-        self._decode_fn = self._decode_step
+        self._forward = self._decode_step
         if cfg.compile and self.device == "cuda":
-            self._decode_fn = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=False)
+            self._forward = torch.compile(self._decode_step, dynamic=True)
+        self._step_lock = threading.RLock()  # one stepping thread at a time; weights swap between steps
+        self._inbox = threading.Lock()
+        self._waiting: deque[_Request] = deque()
+        self._requests: dict[str, _Request] = {}
+        self._aborts: set[str] = set()
+        self._grammars = None
+        # the running batch
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # [B, T] 1 where a row has a real token
+        self._pos: torch.Tensor | None = None  # [B] position of each row's next token
+        self._logits: torch.Tensor | None = None  # [B, V] distribution of each row's next token
+        self._row_ids = 0
+        self.stats = {"steps": 0, "prefills": 0, "admitted": 0, "finished": 0, "aborted": 0,
+                      "failed_requests": 0, "failed_rows": 0, "max_running": 0}
 
     # ------------------------------------------------------------------ helpers
     def _eos_ids(self) -> set[int]:
@@ -124,200 +120,417 @@ class TransformersEngine(GenerationEngine):
             ids.update(int(e) for e in eos)
         return ids
 
-    def stop_ids_for(self, p: SamplingConfig) -> set[int]:
-        ids = set(p.stop_token_ids)
-        if not p.ignore_eos:
-            ids |= self.eos_ids
-        return ids
-
     def encode(self, prompt: Prompt) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = [int(t) for t in prompt]
-        return self.tokenizer.decode(ids), ids
+        ids = [int(t) if isinstance(t, int) or hasattr(t, "__index__") else t for t in prompt]
+        return "", ids
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "device": self.device, "dtype": str(self.model.dtype),
-                "static_cache": self.use_static, "max_batch_size": self.cfg.max_batch_size}
+                "max_batch_size": self.cfg.max_batch_size, "continuous_batching": True,
+                "weights_version": self.weights_version}
 
-    # ------------------------------------------------------------------ public API
-    @torch.inference_mode()
-    def generate(self, prompts: Sequence[Prompt],
-                 sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
-                 policies: Sequence[Any] | None = None,
-                 on_token: Callable[[RowState], None] | None = None) -> list[GenerationOutput]:
-        """Generate for each prompt. ``policies`` (one per prompt, optional) replace the plain
-        decode policy for that prompt's samples; requests with ``sampling.budget`` get budget
-        forcing. ``on_token(row)`` is called after every emitted token (streaming)."""
-        t0 = time.perf_counter()
-        params = per_request(sampling, len(prompts))
-        encoded = [self.encode(p) for p in prompts]
-        for i, p in enumerate(params):
-            if p.budget is not None and (policies is None or policies[i] is None):
-                ids = encoded[i][1]
-                ids = with_think_start(ids, budget_tokens(self, p.budget, p))
-                encoded[i] = (self.tokenizer.decode(ids), ids)
-        rows: list[tuple[int, int, list[int], SamplingConfig, Any]] = []
-        for i, ((_, ids), p) in enumerate(zip(encoded, params)):
-            if len(ids) + p.max_new_tokens > self.max_len:
-                raise ValueError(f"prompt {i}: {len(ids)} prompt tokens + max_new_tokens "
-                                 f"{p.max_new_tokens} exceed the model's {self.max_len} positions")
+    def grammar_cache(self):
+        if self._grammars is None:
+            from actors.engine.structured import GrammarCache
+
+            self._grammars = GrammarCache(self.tokenizer, self.vocab_size, stop_token_ids=sorted(self.eos_ids))
+        return self._grammars
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: Prompt, sampling: SamplingConfig | None = None,
+                    on_event: EventSink | None = None,
+                    policy: DecodePolicy | Callable[[], DecodePolicy] | None = None) -> None:
+        p = sampling or SamplingConfig()
+        with self._step_lock:  # the engine's tokenizer is used by one thread at a time
+            _, ids = self.encode(prompt)
+            if p.budget is not None and policy is None:
+                try:
+                    toks = self.budget_token_ids(p.budget, p)
+                except ValueError as e:
+                    raise RequestError(str(e)) from None
+                ids = with_think_start(ids, toks)
             if not ids:
                 ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
                        else next(iter(self.eos_ids))]
-            pol = policies[i] if policies is not None else None
-            for s in range(p.n):
-                rows.append((i, s, ids, p, pol))
-        # Longest prompts first: similar lengths batch together, so less padding.
-        order = sorted(range(len(rows)), key=lambda k: -len(rows[k][2]))
-        results: dict[int, RowState] = {}
-        bs = self.cfg.max_batch_size
-        for start in range(0, len(order), bs):
-            chunk = [rows[k] for k in order[start:start + bs]]
-            states = [self._make_state(order[start + j], r) for j, r in enumerate(chunk)]
-            self._run_batch([r[2] for r in chunk], states, on_token)
-            results.update({s.index: s for s in states})
-        outs = [GenerationOutput(prompt=encoded[i][0], prompt_token_ids=list(encoded[i][1]),
-                                 completions=[], request_index=i) for i in range(len(prompts))]
-        for k, (i, _, _, _, _) in enumerate(rows):
-            outs[i].completions.append(self._finish(results[k]))
-        dt = time.perf_counter() - t0
-        for o in outs:
-            o.metrics = {"prompt_tokens": len(o.prompt_token_ids),
-                         "completion_tokens": sum(c.num_tokens for c in o.completions),
-                         "batch_seconds": dt}
-        return outs
+            self.check_request(ids, p)
+            grammar = None
+            if p.response_format is not None:
+                try:
+                    grammar = self.grammar_cache()
+                    grammar.constraint(p.response_format)  # compile now: a bad schema is this request's 400
+                except ValueError as e:
+                    raise RequestError(f"response_format: {e}") from None
+            policies = [self._policy(policy, p) for _ in range(p.n)]
+        req = _Request(request_id, list(ids), p, on_event, policies, open=p.n)
+        for s in range(p.n):
+            gen = None
+            if p.seed is not None:
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed((int(p.seed) * 1000003 + s) % 2**63)  # any int64 seed, one stream per sample
+            self._row_ids += 1
+            row = _Row(index=self._row_ids, params=p, prompt_len=len(ids), request=request_id, sample=s,
+                       generator=gen, policy=policies[s], req=req,
+                       logprobs=[] if p.logprobs is not None else None,
+                       top=[] if p.logprobs else None,
+                       constraint=grammar.constraint(p.response_format) if grammar is not None else None)
+            req.rows.append(row)
+        with self._inbox:
+            if request_id in self._requests:
+                raise RequestError(f"request id {request_id!r} is already running")
+            self._requests[request_id] = req
+            self._waiting.append(req)
 
-    # ------------------------------------------------------------------ decode loop
-    def _make_state(self, index: int, row) -> RowState:
-        i, s, ids, p, pol = row
-        gen = None
-        if p.seed is not None:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed((int(p.seed) * 1000003 + s) % 2**63)  # any int64 seed, one stream per sample
-        if pol is None and p.budget is not None:
-            pol = BudgetForcing(p.budget, budget_tokens(self, p.budget, p))  # per sample: it keeps counts
-        st = RowState(index=index, params=p, prompt_len=len(ids), request=i, sample=s, generator=gen,
-                      policy=pol or PLAIN)
-        if hasattr(st.policy, "start"):
-            st.policy.start(st, self)
-        return st
+    def _policy(self, policy, p: SamplingConfig) -> DecodePolicy:
+        if policy is None:
+            if p.budget is not None:
+                return BudgetForcing(p.budget, self.budget_token_ids(p.budget, p))
+            return PLAIN
+        if callable(policy) and not isinstance(policy, DecodePolicy):
+            return policy()
+        return copy.deepcopy(policy)  # policies keep per-sample counts
 
-    def _finish(self, st: RowState) -> Completion:
-        if hasattr(st.policy, "completion"):
-            return st.policy.completion(st, self)
-        text = self.tokenizer.decode(st.tokens, skip_special_tokens=True)
-        if st.params.stop:
-            hit = first_stop(text, st.params.stop)
-            if hit is not None:
-                text = text[:hit[0]]
-                st.finish_reason, st.stop_reason = "stop", hit[1]
-        return Completion(text=text, token_ids=list(st.tokens), finish_reason=st.finish_reason,
-                          stop_reason=st.stop_reason)
+    def request_prompt_ids(self, request_id: str) -> list[int]:
+        with self._inbox:
+            return list(self._requests[request_id].prompt_ids)
 
-    def _decode_step(self, input_ids, attention_mask, position_ids, cache, cache_position):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, cache_position=cache_position)
-        return out.logits[:, -1, :].float()
+    def abort(self, request_id: str) -> bool:
+        with self._inbox:
+            if request_id not in self._requests:
+                return False
+            self._aborts.add(request_id)
+            return True
 
-    def _run_batch(self, prompt_ids: list[list[int]], states: list[RowState],
-                   on_token: Callable[[RowState], None] | None = None) -> None:
-        from transformers import DynamicCache, StaticCache
+    def has_unfinished(self) -> bool:
+        with self._inbox:
+            return bool(self._requests)
+
+    def running(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        with self._step_lock:
+            events: list[StreamEvent] = []
+            self._apply_aborts(events)
+            self._admit(events)
+            if self._rows:
+                try:
+                    self._decode(events)
+                except Exception as e:  # noqa: BLE001 - the batch forward itself failed (e.g. OOM)
+                    log.exception("decode step failed; failing the %d running rows", len(self._rows))
+                    for row in self._rows:
+                        if not row.done:
+                            self._row_failed(row, e, events)
+                    self._rows, self._cache, self._mask, self._pos, self._logits = [], None, None, None, None
+            self.stats["steps"] += 1
+        dispatch_events(events, self._requests, self._inbox)
+        return events
+
+    def _apply_aborts(self, events: list[StreamEvent]) -> None:
+        with self._inbox:
+            aborts, self._aborts = self._aborts, set()
+            if not aborts:
+                return
+            queued = [r for r in self._waiting if r.id in aborts]
+            self._waiting = deque(r for r in self._waiting if r.id not in aborts)
+        for req in queued:
+            for row in req.rows:
+                row.finish_reason = "abort"
+                events += self._finish(row)
+        for row in self._rows:
+            if row.request in aborts and not row.done:
+                row.done, row.finish_reason = True, "abort"
+                events += self._finish(row)
+        self.stats["aborted"] += len(aborts)
+        self._retire()
+
+    def _admit(self, events: list[StreamEvent]) -> None:
+        cap = self.cfg.max_batch_size
+        budget = max(self.cfg.max_batch_size * 512, 4096)  # padded prompt tokens per prefill
+        new: list[_Request] = []
+        with self._inbox:
+            while self._waiting:
+                req = self._waiting[0]
+                rows = len(self._rows) + sum(r.params.n for r in new)
+                width = max([len(r.prompt_ids) for r in new] + [len(req.prompt_ids)])
+                fits = rows + req.params.n <= cap and width * (len(new) + 1) <= budget
+                if not fits and (new or self._rows):
+                    break
+                new.append(self._waiting.popleft())
+        if not new:
+            return
+        try:
+            self._prefill(new)
+        except Exception:  # noqa: BLE001 - find the request at fault: each is prefilled alone
+            if len(new) == 1:
+                self._fail_request(new[0], events)
+                return
+            log.exception("prefill of %d requests failed; prefilling them one by one", len(new))
+            for req in new:
+                try:
+                    self._prefill([req])
+                except Exception:  # noqa: BLE001
+                    self._fail_request(req, events)
+
+    def _fail_request(self, req: _Request, events: list[StreamEvent]) -> None:
+        import traceback
+
+        err = traceback.format_exc(limit=2).strip().splitlines()[-1]
+        log.warning("request %s failed alone: %s", req.id, err)
+        self.stats["failed_requests"] += 1
+        for row in req.rows:
+            row.finish_reason, row.error = "error", f"generation failed: {err}"
+            events += self._finish(row)
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        from transformers import DynamicCache
 
         dev = self.device
-        B = len(prompt_ids)
-        L = max(len(x) for x in prompt_ids)
-        max_new = max(s.params.max_new_tokens for s in states)
-        pad = self.tokenizer.pad_token_id
+        prompts = [r.prompt_ids for r in reqs]
+        B, L = len(prompts), max(len(x) for x in prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((B, L), pad, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
-        for b, x in enumerate(prompt_ids):  # left padding: the last column is every row's last token
+        for b, x in enumerate(prompts):  # left padding: the last column is every row's last token
             ids[b, L - len(x):] = torch.tensor(x)
             mask[b, L - len(x):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        static = self.use_static
-        if static:
-            total = L + max_new
-            cache = StaticCache(config=self.model.config, max_cache_len=total)
-            full_mask = torch.zeros((B, total), dtype=torch.long, device=dev)
-            full_mask[:, :L] = mask
-            out = self.model(input_ids=ids, attention_mask=full_mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True,
-                             cache_position=torch.arange(L, device=dev), logits_to_keep=1)
-        else:
-            cache = DynamicCache()
-            full_mask = mask
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
-        next_pos = pos[:, -1] + 1
-        batch_rows = list(range(B))  # state index of each batch row (shrinks on the dynamic path)
-        pad_tok = pad if pad is not None else 0
-        step = 0
-        while True:
-            act = [j for j, i in enumerate(batch_rows) if not states[i].done]
-            if not act:
-                break
-            sel = logits if len(act) == len(batch_rows) else logits[act]
-            toks = self._choose(sel, [states[batch_rows[j]] for j in act])
-            cur_list = [pad_tok] * len(batch_rows)
-            for j, tok in zip(act, toks):
-                st = states[batch_rows[j]]
-                cur_list[j] = tok
-                st.tokens.append(tok)
-                if st.policy.after_token(st, tok, self) or (
-                        st.policy.stop_strings_active(st) and self._hit_stop_string(st)):
-                    st.done = True
-                elif st.n_generated >= st.params.max_new_tokens and not st.forced:
-                    st.done, st.finish_reason = True, "length"
-                if on_token is not None:
-                    on_token(st)
-            step += 1
-            if all(states[i].done for i in batch_rows):
-                break
-            cur = torch.tensor(cur_list, device=dev).view(-1, 1)
-            if static:
-                # Fixed shapes (graph capture): finished rows keep decoding, their output ignored.
-                if L + step - 1 >= full_mask.shape[1]:
-                    raise RuntimeError("decode policy forced more tokens than the static cache holds")
-                full_mask[:, L + step - 1] = 1
-                logits = self._decode_fn(cur, full_mask, next_pos.view(-1, 1), cache,
-                                         torch.tensor([L + step - 1], device=dev))
+        rows = [row for r in reqs for row in r.rows]
+        expand = [b for b, r in enumerate(reqs) for _ in r.rows]  # n samples share one prefill
+        if expand != list(range(B)):
+            idx = torch.tensor(expand, device=dev)
+            cache.batch_select_indices(idx)
+            mask, logits = mask[idx], logits[idx]
+        nxt = torch.tensor([len(prompts[b]) for b in expand], device=dev)
+        for row in rows:
+            row.policy.start(row, self)
+        self._merge(rows, cache, mask, nxt, logits)
+        self.stats["prefills"] += 1
+        self.stats["admitted"] += len(reqs)
+        self.stats["max_running"] = max(self.stats["max_running"], len(self._rows))
+
+    def _merge(self, rows: list[_Row], cache, mask: torch.Tensor, nxt: torch.Tensor, logits: torch.Tensor) -> None:
+        """Join freshly prefilled rows to the running batch (left-padding the narrower side)."""
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._pos, self._logits = rows, cache, mask, nxt, logits
+            return
+        T, P = self._mask.shape[1], mask.shape[1]
+        W = max(T, P)
+        for la, lb in zip(self._cache.layers, cache.layers):
+            la.keys = torch.cat([F.pad(la.keys, (0, 0, W - T, 0)), F.pad(lb.keys, (0, 0, W - P, 0))])
+            la.values = torch.cat([F.pad(la.values, (0, 0, W - T, 0)), F.pad(lb.values, (0, 0, W - P, 0))])
+        self._mask = torch.cat([F.pad(self._mask, (W - T, 0)), F.pad(mask, (W - P, 0))])
+        self._pos = torch.cat([self._pos, nxt])
+        self._logits = torch.cat([self._logits, logits])
+        self._rows = self._rows + rows
+
+    def _retire(self) -> None:
+        """Drop finished rows from the batch and the columns every remaining row pads."""
+        keep = [b for b, r in enumerate(self._rows) if not r.done]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._pos, self._logits = [], None, None, None, None
+            return
+        idx = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(idx)
+        self._rows = [self._rows[b] for b in keep]
+        self._mask, self._pos = self._mask[idx], self._pos[idx]
+        if self._logits is not None:
+            self._logits = self._logits[idx]
+        used = self._mask.any(0)
+        first = int(used.to(torch.int8).argmax()) if bool(used.any()) else 0
+        if first > 0:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+    def _decode(self, events: list[StreamEvent]) -> None:
+        rows = self._rows
+        toks = self._choose(self._logits, rows, events)
+        retract: list[tuple[int, int]] = []
+        for b, (row, tok) in enumerate(zip(rows, toks)):
+            if row.done:
+                continue
+            try:
+                if row.retract:
+                    k, row.retract = row.retract, 0
+                    del row.tokens[-k:]
+                    if row.logprobs is not None:
+                        del row.logprobs[-k:]
+                    if row.top is not None:
+                        del row.top[-k:]
+                    retract.append((b, k))
+                row.tokens.append(tok)
+                if row.logprobs is not None:
+                    row.logprobs.append(row.pending_lp[0])
+                    if row.top is not None:
+                        row.top.append(row.pending_lp[1])
+                done = row.policy.after_token(row, tok, self)
+                if row.logprobs is not None and len(row.logprobs) > len(row.tokens):  # EOS dropped
+                    del row.logprobs[len(row.tokens):]
+                    if row.top is not None:
+                        del row.top[len(row.tokens):]
+                if not done and row.n_generated >= row.params.max_new_tokens and not row.forced:
+                    done, row.finish_reason = True, "length"
+                row.done = done
+                events += self._stream(row)
+            except Exception as e:  # noqa: BLE001 - this row's fault: it fails alone
+                self._row_failed(row, e, events)
+        for b, k in retract:  # the taken-back tokens leave the row's attention and positions
+            self._mask[b, -k:] = 0
+            self._pos[b] -= k
+        cur = torch.tensor(toks, device=self._mask.device)
+        live = [b for b, r in enumerate(rows) if not r.done]
+        if len(live) < len(rows):
+            cur = cur[torch.tensor(live, device=cur.device)] if live else cur[:0]
+        self._logits = None
+        self._retire()
+        if not self._rows:
+            return
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
+        self._logits = self._forward(cur.view(-1, 1), self._mask, self._pos.view(-1, 1), self._cache)
+        self._pos = self._pos + 1
+
+    def _row_failed(self, row: _Row, e: Exception, events: list[StreamEvent]) -> None:
+        log.warning("row %s/%d failed alone: %r", row.request, row.sample, e)
+        self.stats["failed_rows"] += 1
+        row.done, row.finish_reason, row.error = True, "error", f"generation failed: {e!r}"
+        events += self._finish(row)
+
+    def _decode_step(self, input_ids, attention_mask, position_ids, cache):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float()
+
+    # ------------------------------------------------------------------ streaming text
+    def _stream(self, row: _Row) -> list[StreamEvent]:
+        """Events for the tokens of ``row`` that are decided (held-back tail excluded); on the
+        row's last token, its final event."""
+        events: list[StreamEvent] = []
+        upto = len(row.tokens) - (0 if row.done else row.policy.held_back(row))
+        if upto > row.pushed:
+            new = row.tokens[row.pushed:upto]
+            lps = row.logprobs[row.pushed:upto] if row.logprobs is not None else None
+            tops = row.top[row.pushed:upto] if row.top is not None else None
+            row.pushed = upto
+            phase = row.policy.phase(row)
+            if phase != row.seg_phase:
+                if row.seg_phase is not None:
+                    events += self._flush_segment(row)
+                row.seg_phase, row.seg, row.seg_text, row.seg_sent = phase, IncrementalDetokenizer(self.tokenizer), "", 0
+            row.seg_text += row.seg.push(new)
+            text = self._sendable(row)
+            events.append(StreamEvent(request_id=row.request, index=row.sample, text=text, token_ids=list(new),
+                                      logprobs=lps, top_logprobs=tops, phase=phase))
+        if row.done:
+            events += self._finish(row)
+        return events
+
+    def _sendable(self, row: _Row) -> str:
+        """New final text of the current segment; answers end at a stop string and keep back a
+        tail that could still become one."""
+        stops = row.params.stop
+        if row.seg_phase == "answer" and stops:
+            hit = first_stop(row.seg_text[max(0, row.seg_sent - max(map(len, stops))):], stops)
+            if hit is not None:
+                end = max(0, row.seg_sent - max(map(len, stops))) + hit[0]
+                row.done, row.finish_reason, row.stop_reason = True, "stop", hit[1]
+                row.seg_text = row.seg_text[:end]
             else:
-                keep = [j for j, i in enumerate(batch_rows) if not states[i].done]
-                if len(keep) < len(batch_rows):  # drop finished rows from the KV cache
-                    idx = torch.tensor(keep, device=dev)
-                    cache.batch_select_indices(idx)
-                    full_mask, next_pos, cur = full_mask[idx], next_pos[idx], cur[idx]
-                    batch_rows = [batch_rows[j] for j in keep]
-                full_mask = torch.cat([full_mask, full_mask.new_ones((len(batch_rows), 1))], dim=1)
-                logits = self._decode_fn(cur, full_mask, next_pos.view(-1, 1), cache, None)
-            next_pos = next_pos + 1
+                end = max(row.seg_sent, len(row.seg_text) - (max(map(len, stops)) - 1))
+        else:
+            end = len(row.seg_text)
+        text = row.seg_text[row.seg_sent:end]
+        row.seg_sent = max(row.seg_sent, end)
+        return text
 
-    def _hit_stop_string(self, st: RowState) -> bool:
-        stops = st.params.stop
-        if not stops:
-            return False
-        window = max(len(s) for s in stops) + 8
-        start = max(len(st.tokens) - window, st.policy.text_start(st) if hasattr(st.policy, "text_start") else 0)
-        tail = self.tokenizer.decode(st.tokens[start:], skip_special_tokens=True)
-        hit = first_stop(tail, stops)
-        if hit is None:
-            return False
-        st.finish_reason, st.stop_reason = "stop", hit[1]
-        return True
+    def _flush_segment(self, row: _Row) -> list[StreamEvent]:
+        """The rest of a reasoning or control segment when its phase ends (a character the
+        incremental decoder was still completing)."""
+        full = self.tokenizer.decode(row.seg.ids, skip_special_tokens=True)
+        if len(full) > len(row.seg_text) and full.startswith(row.seg_text):
+            row.seg_text = full
+        text = row.seg_text[row.seg_sent:]
+        row.seg_sent = len(row.seg_text)
+        return [StreamEvent(request_id=row.request, index=row.sample, text=text, phase=row.seg_phase)] if text else []
 
-    def _choose(self, logits: torch.Tensor, rows: list[RowState]) -> list[int]:
-        """Pick each row's next token: forced tokens first, otherwise sample or argmax."""
-        B, V = logits.shape
+    def _finish(self, row: _Row) -> list[StreamEvent]:
+        """The row's final event: the whole completion, and the answer text still unsent."""
+        row.done = True
+        events: list[StreamEvent] = []
+        if row.finish_reason in ("abort", "error"):
+            comp = Completion(text="", token_ids=list(row.tokens), finish_reason=row.finish_reason,
+                              error=row.error)
+        else:
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            if row.params.stop and row.params.budget is None:
+                hit = first_stop(text, row.params.stop)
+                if hit is not None:
+                    text = text[:hit[0]]
+                    row.finish_reason, row.stop_reason = "stop", hit[1]
+            comp = row.policy.completion(row, self, text)
+        if row.logprobs is not None:
+            comp.logprobs = row.logprobs[:comp.num_tokens]
+            comp.top_logprobs = row.top[:comp.num_tokens] if row.top is not None else None
+        tail = ""
+        if comp.finish_reason not in ("abort", "error"):
+            if row.seg_phase not in (None, "answer"):
+                events += self._flush_segment(row)
+            final = comp.answer if comp.answer is not None else comp.text
+            sent = row.seg_text[:row.seg_sent] if row.seg_phase == "answer" else ""
+            if final.startswith(sent):
+                tail = final[len(sent):]
+            else:
+                log.warning("streamed text of %s/%d differs from its final decode", row.request, row.sample)
+        self.stats["finished"] += 1
+        usage = {"prompt_tokens": row.prompt_len, "completion_tokens": comp.num_tokens}
+        if comp.budget is not None:
+            usage["reasoning_tokens"] = comp.budget.get("thinking_tokens", 0)
+        events.append(StreamEvent(request_id=row.request, index=row.sample, text=tail, phase="answer",
+                                  finish_reason=comp.finish_reason, usage=usage, completion=comp, error=row.error))
+        return events
+
+    # ------------------------------------------------------------------ choosing tokens
+    def _choose(self, logits: torch.Tensor, rows: list[_Row], events: list[StreamEvent]) -> list[int]:
+        """Pick each row's next token: forced tokens first, otherwise sample or argmax under the
+        row's masks (policy bans, grammar); records log-probs of what is emitted."""
         for r in rows:
-            r.policy.before_step(r, self)
-        banned = [(j, list(r.banned)) for j, r in enumerate(rows) if r.banned]
-        for j, ids in banned:
-            logits[j, ids] = float("-inf")
-        for r in rows:
-            r.banned.clear()
+            try:
+                r.policy.before_step(r, self)
+            except Exception as e:  # noqa: BLE001 - this row's policy: it fails alone
+                self._row_failed(r, e, events)
+        want_lp = [j for j, r in enumerate(rows) if r.params.logprobs is not None and not r.done]
+        lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None  # raw model distribution
+        if lp is not None and any(rows[j].policy.max_retract for j in want_lp):
+            lp = lp.clone()  # rows of it are kept and replaced
+        before_bans: dict[int, torch.Tensor] = {}
+        for j, r in enumerate(rows):
+            if r.banned:
+                before_bans[j] = logits[j].clone()
+                logits[j, list(r.banned)] = float("-inf")
+                r.banned.clear()
+        constrained = [r.constraint if (r.constraint is not None and not r.done and not r.forced
+                                        and r.policy.answer_started(r)) else None for r in rows]
+        if any(c is not None for c in constrained):
+            from actors.engine.structured import apply_constraints
+
+            apply_constraints(logits, constrained)
+        for j, raw in before_bans.items():  # bans are preferences: never leave a row nothing to pick
+            if not bool(torch.isfinite(logits[j]).any()):
+                logits[j] = raw
+                if constrained[j] is not None:
+                    from actors.engine.structured import apply_constraints
+
+                    apply_constraints(logits[j:j + 1], [constrained[j]])
         temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
         greedy = temps <= 0
         choice = logits.argmax(-1)
@@ -333,11 +546,37 @@ class TransformersEngine(GenerationEngine):
             choice = torch.where(greedy, choice, sampled)
         out = choice.tolist()
         for j, r in enumerate(rows):
-            if not r.forced:
-                r.policy.on_sample(r, out[j], self)
-            r.was_forced = bool(r.forced)
-            if r.was_forced:
-                out[j] = int(r.forced.popleft())
+            if r.done:
+                continue
+            try:
+                if not r.forced:
+                    r.policy.on_sample(r, out[j], self)
+                r.was_forced = bool(r.forced)
+                if r.was_forced:
+                    out[j] = int(r.forced.popleft())
+                if constrained[j] is not None and not r.was_forced and not constrained[j].accept(out[j]):
+                    raise RuntimeError(f"the grammar refused token {out[j]}")
+            except Exception as e:  # noqa: BLE001
+                self._row_failed(r, e, events)
+        if want_lp:
+            for n, j in enumerate(want_lp):
+                r = rows[j]
+                if r.policy.max_retract:  # keep recent distributions: a retraction rewinds to one
+                    if r.lp_ring is None:
+                        r.lp_ring = deque(maxlen=r.policy.max_retract + 1)
+                    r.lp_ring.append(lp[n].clone())
+                    if r.retract:
+                        lp[n] = r.lp_ring[-1 - r.retract]
+            chosen = torch.tensor([out[j] for j in want_lp], device=lp.device)
+            picked = lp.gather(1, chosen.view(-1, 1)).view(-1).tolist()
+            k = max(rows[j].params.logprobs for j in want_lp)
+            top = torch.topk(lp, k) if k > 0 else None
+            for n, j in enumerate(want_lp):
+                kk = rows[j].params.logprobs
+                alts = None
+                if kk and top is not None:
+                    alts = list(zip(top.indices[n, :kk].tolist(), top.values[n, :kk].tolist()))
+                rows[j].pending_lp = (picked[n], alts)
         return out
 
     @staticmethod
@@ -357,3 +596,56 @@ class TransformersEngine(GenerationEngine):
             sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
             scaled = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
         return scaled
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, weights: Mapping[str, Any] | str | Path, strict: bool = True) -> dict[str, Any]:
+        """Copy new weights into the live model in place (same tensors, so nothing that holds
+        them is invalidated), between two steps. ``weights``: a state dict (names as in
+        ``model.state_dict()``), a ``.safetensors`` file or a directory of them. ``strict``:
+        every tensor of the model must be given; otherwise a subset is fine. Requests in flight
+        continue under the new weights from the next step."""
+        t0 = time.perf_counter()
+        sd = load_weights(weights) if isinstance(weights, (str, Path)) else dict(weights)
+        target = self.model.state_dict()
+        unknown = sorted(set(sd) - set(target))
+        if unknown:
+            raise ValueError(f"{len(unknown)} tensors are not in the model, e.g. {unknown[:3]}")
+        missing = sorted(set(target) - set(sd))
+        if strict and missing:
+            # tied weights (lm_head = embeddings) may be given once
+            tied = {k for k in missing if any(target[k].data_ptr() == target[g].data_ptr() for g in sd)}
+            missing = [k for k in missing if k not in tied]
+            if missing:
+                raise ValueError(f"{len(missing)} model tensors are missing, e.g. {missing[:3]} (strict=False loads a subset)")
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(target[k].shape):
+                raise ValueError(f"{k}: shape {tuple(v.shape)} does not match the model's {tuple(target[k].shape)}")
+        nbytes = 0
+        with self._step_lock, torch.no_grad():
+            for k, v in sd.items():
+                target[k].copy_(v.to(device=target[k].device, dtype=target[k].dtype), non_blocking=True)
+                nbytes += v.numel() * v.element_size()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            self.weights_version += 1
+        return {"version": self.weights_version, "tensors": len(sd), "bytes": nbytes,
+                "seconds": time.perf_counter() - t0}
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, a directory of them (a saved checkpoint), or a
+    ``.pt``/``.bin`` file read with ``weights_only`` (no pickled code)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{p}: no .safetensors files")
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        return sd
+    if p.suffix == ".safetensors":
+        return load_file(str(p))
+    return torch.load(str(p), map_location="cpu", weights_only=True)

