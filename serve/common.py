@@ -2,17 +2,27 @@
 and methods too) and a capped request body."""
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.openai_protocol import MAX_BODY_BYTES, OpenAIError
 
+log = logging.getLogger(__name__)
+
 
 def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(OpenAIError)
     async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        err = OpenAIError(f"internal error: {type(e).__name__}: {e}", status=500, type="server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:

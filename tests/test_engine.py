@@ -1,6 +1,5 @@
 """The transformers backend against transformers' own ``generate`` and the sampling contract."""
 import pytest
-import torch
 
 from actors.engine import create_engine
 from selftaught.config import EngineConfig, SamplingConfig

@@ -1,5 +1,7 @@
 """The engine inside Ray: generator actors, Ray Data map_batches on an actor pool, Serve."""
 
+import os
+
 import httpx
 import pytest
 
@@ -62,15 +64,20 @@ def test_ray_data_map_batches(ray_cluster, engine_cfg, local_outputs):
 def test_serve_generate_app(ray_cluster, engine_cfg, local_outputs):
     from ray import serve
 
+    from serve.config import ServeConfig
     from serve.generate_app import build_generate_app
 
+    os.environ["SELFTAUGHT_TEST_GEN_KEYS"] = "gen-key"
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_generate_app(engine_cfg.model_copy(update={"cpus_per_actor": 0.5})),
+    serve.run(build_generate_app(engine_cfg.model_copy(update={"cpus_per_actor": 0.5}),
+                                 serve_cfg=ServeConfig(api_key_env="SELFTAUGHT_TEST_GEN_KEYS", max_tokens_limit=64)),
               name="gen", route_prefix="/gen")
     url = f"http://127.0.0.1:{port}/gen"
     try:
-        with httpx.Client(timeout=60) as c:
+        r = httpx.post(url, json={"prompt": "alpha"}, timeout=60)  # the same keys as /v1
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with httpx.Client(timeout=60, headers={"Authorization": "Bearer gen-key"}) as c:
             r = c.post(url, json={"prompt": "alpha", "sampling": GREEDY.model_dump()})
             assert r.status_code == 200, r.text
             assert r.json()["completions"][0]["text"] == local_outputs["alpha"]
@@ -81,7 +88,7 @@ def test_serve_generate_app(ray_cluster, engine_cfg, local_outputs):
             bad = [c.post(url, content=b"{not json"),
                    c.post(url, json={"prompt": "x", "sampling": {"temperature": -1}}),
                    c.post(url, json={"nothing": 1}),
-                   c.post(url, json={"prompt": "x", "sampling": {"max_new_tokens": 100000}})]
+                   c.post(url, json={"prompt": "x", "sampling": {"max_new_tokens": 65}})]  # over the limit
             assert [b.status_code for b in bad] == [400, 400, 400, 400]
             assert "temperature" in bad[1].json()["error"]["message"]  # the OpenAI error shape
             assert c.post(url, json={"prompt": [1, 10**9]}).status_code == 400

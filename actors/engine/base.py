@@ -223,10 +223,11 @@ class GenerationEngine(ABC):
     # ------------------------------------------------------------------ stepping core
     @abstractmethod
     def add_request(self, request_id: str, prompt: Prompt, sampling: SamplingConfig | None = None,
-                    on_event: EventSink | None = None, policy: DecodePolicy | None = None) -> None:
-        """Queue a request (``sampling.n`` samples). Raises :class:`RequestError` for a request
-        that cannot run (too long, ids outside the vocabulary, a bad grammar). ``on_event``
-        receives its events from whichever thread steps the engine. Thread-safe."""
+                    on_event: EventSink | None = None, policy: DecodePolicy | None = None) -> list[int]:
+        """Queue a request (``sampling.n`` samples); returns its prompt token ids as the model
+        sees them. Raises :class:`RequestError` for a request that cannot run (too long, ids
+        outside the vocabulary, a bad grammar). ``on_event`` receives its events from whichever
+        thread steps the engine. Thread-safe."""
 
     @abstractmethod
     def step(self) -> list[StreamEvent]:
@@ -266,10 +267,10 @@ class GenerationEngine(ABC):
         try:
             for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
                 try:
-                    self.add_request(rid, prompt, p, on_event=sink, policy=None if policies is None else policies[i])
+                    prompt_ids[rid] = self.add_request(rid, prompt, p, on_event=sink,
+                                                       policy=None if policies is None else policies[i])
                 except RequestError as e:
                     raise RequestError(f"prompt {i}: {e}") from None
-                prompt_ids[rid] = self.request_prompt_ids(rid)
             while any(c is None for cs in done.values() for c in cs):
                 self.step()
         finally:
@@ -283,15 +284,12 @@ class GenerationEngine(ABC):
             if failed:
                 raise RuntimeError(f"prompt {i} failed: {failed[0].error}")
             pid = prompt_ids[rid]
+            text = prompts[i] if isinstance(prompts[i], str) and params[i].budget is None else self.tokenizer.decode(pid)
             outs.append(GenerationOutput(
-                prompt=self.tokenizer.decode(pid) if not isinstance(prompts[i], str) or params[i].budget else prompts[i],
+                prompt=text,
                 prompt_token_ids=pid, completions=comps, request_index=i,
                 metrics={"prompt_tokens": len(pid), "completion_tokens": sum(c.num_tokens for c in comps)}))
         return outs
-
-    def request_prompt_ids(self, request_id: str) -> list[int]:
-        """The prompt token ids of a queued or running request, as the model sees them."""
-        raise NotImplementedError
 
     def chat(self, conversations: Sequence[Sequence[dict]],
              sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
@@ -309,6 +307,13 @@ class GenerationEngine(ABC):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------------ shared helpers
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text without added special tokens, or ids as given (numpy
+        integers accepted; anything else is left for ``check_request`` to refuse)."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return [int(t) if hasattr(t, "__index__") else t for t in prompt]
+
     def stop_ids_for(self, p: SamplingConfig) -> set[int]:
         ids = set(p.stop_token_ids)
         if not p.ignore_eos:
@@ -341,6 +346,18 @@ class GenerationEngine(ABC):
 
 
 _GEN_IDS = itertools.count()
+
+
+def eos_ids_of(tokenizer: Any, generation_eos: Any = None) -> set[int]:
+    """EOS ids of a model: the tokenizer's plus its generation config's (an id or a list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos:
+        ids.update(int(e) for e in generation_eos)
+    return ids
 
 
 def dispatch_events(events: Sequence[StreamEvent], requests: dict, lock: Any) -> None:

@@ -23,14 +23,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from actors.engine.base import (PLAIN, Completion, DecodePolicy, EventSink, GenerationEngine,
                                 IncrementalDetokenizer, Prompt, RequestError, RowState, StreamEvent,
-                                dispatch_events, first_stop)
+                                dispatch_events, eos_ids_of, first_stop)
 from actors.engine.budget import BudgetForcing, with_think_start
 from selftaught.config import EngineConfig, SamplingConfig
 
@@ -82,7 +82,7 @@ class TransformersEngine(GenerationEngine):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model_name = cfg.model
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids_of(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
         self.max_len = int(cfg.max_model_len or getattr(model.config, "max_position_embeddings", 4096))
         self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         self.weights_version = 0
@@ -108,24 +108,6 @@ class TransformersEngine(GenerationEngine):
                       "failed_requests": 0, "failed_rows": 0, "max_running": 0}
 
     # ------------------------------------------------------------------ helpers
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        gc = getattr(self.model, "generation_config", None)
-        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(int(e) for e in eos)
-        return ids
-
-    def encode(self, prompt: Prompt) -> tuple[str, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = [int(t) if isinstance(t, int) or hasattr(t, "__index__") else t for t in prompt]
-        return "", ids
-
     def info(self) -> dict[str, Any]:
         return {**super().info(), "device": self.device, "dtype": str(self.model.dtype),
                 "max_batch_size": self.cfg.max_batch_size, "continuous_batching": True,
@@ -141,10 +123,10 @@ class TransformersEngine(GenerationEngine):
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Prompt, sampling: SamplingConfig | None = None,
                     on_event: EventSink | None = None,
-                    policy: DecodePolicy | Callable[[], DecodePolicy] | None = None) -> None:
+                    policy: DecodePolicy | Callable[[], DecodePolicy] | None = None) -> list[int]:
         p = sampling or SamplingConfig()
         with self._step_lock:  # the engine's tokenizer is used by one thread at a time
-            _, ids = self.encode(prompt)
+            ids = self.encode(prompt)
             if p.budget is not None and policy is None:
                 try:
                     toks = self.budget_token_ids(p.budget, p)
@@ -163,24 +145,24 @@ class TransformersEngine(GenerationEngine):
                 except ValueError as e:
                     raise RequestError(f"response_format: {e}") from None
             policies = [self._policy(policy, p) for _ in range(p.n)]
-        req = _Request(request_id, list(ids), p, on_event, policies, open=p.n)
-        for s in range(p.n):
-            gen = None
-            if p.seed is not None:
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed((int(p.seed) * 1000003 + s) % 2**63)  # any int64 seed, one stream per sample
-            self._row_ids += 1
-            row = _Row(index=self._row_ids, params=p, prompt_len=len(ids), request=request_id, sample=s,
-                       generator=gen, policy=policies[s], req=req,
-                       logprobs=[] if p.logprobs is not None else None,
-                       top=[] if p.logprobs else None,
-                       constraint=grammar.constraint(p.response_format) if grammar is not None else None)
-            req.rows.append(row)
+            req = _Request(request_id, list(ids), p, on_event, policies, open=p.n)
+            for s in range(p.n):
+                gen = None
+                if p.seed is not None:
+                    gen = torch.Generator(device="cpu")
+                    gen.manual_seed((int(p.seed) * 1000003 + s) % 2**63)  # any int64 seed, one stream per sample
+                self._row_ids += 1
+                req.rows.append(_Row(index=self._row_ids, params=p, prompt_len=len(ids), request=request_id,
+                                     sample=s, generator=gen, policy=policies[s], req=req,
+                                     logprobs=[] if p.logprobs is not None else None,
+                                     top=[] if p.logprobs else None,
+                                     constraint=grammar.constraint(p.response_format) if grammar else None))
         with self._inbox:
             if request_id in self._requests:
                 raise RequestError(f"request id {request_id!r} is already running")
             self._requests[request_id] = req
             self._waiting.append(req)
+        return list(ids)
 
     def _policy(self, policy, p: SamplingConfig) -> DecodePolicy:
         if policy is None:
@@ -190,10 +172,6 @@ class TransformersEngine(GenerationEngine):
         if callable(policy) and not isinstance(policy, DecodePolicy):
             return policy()
         return copy.deepcopy(policy)  # policies keep per-sample counts
-
-    def request_prompt_ids(self, request_id: str) -> list[int]:
-        with self._inbox:
-            return list(self._requests[request_id].prompt_ids)
 
     def abort(self, request_id: str) -> bool:
         with self._inbox:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.engine.base import (Completion, DecodePolicy, EventSink, GenerationEngine, IncrementalDetokenizer,
-                                Prompt, RequestError, StreamEvent, dispatch_events)
+                                Prompt, RequestError, StreamEvent, dispatch_events, eos_ids_of)
 from selftaught.config import EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -174,34 +174,19 @@ class VLLMEngine(GenerationEngine):
         log.info("vLLM engine for %s ready in %.1fs (%s)", path, time.perf_counter() - t0, self.device)
 
     def _eos_ids(self) -> set[int]:
-        """The tokenizer's EOS plus the generation config's (as the transformers backend)."""
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
         try:
             eos = self.llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
         except Exception:  # noqa: BLE001 - older/newer vLLM: the tokenizer's EOS is enough
             eos = None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(int(e) for e in eos)
-        return ids
+        return eos_ids_of(self.tokenizer, eos)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "device": self.device, "dtype": str(self.kwargs["dtype"]),
                 "max_model_len": self.max_len, "weights_version": self.weights_version}
 
-    def encode(self, prompt: Prompt) -> tuple[str, list[int]]:
-        """As the transformers backend: text without added special tokens, or ids as given."""
-        if isinstance(prompt, str):
-            return prompt, list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = [int(t) if hasattr(t, "__index__") else t for t in prompt]
-        return "", ids
-
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Prompt, sampling: SamplingConfig | None = None,
-                    on_event: EventSink | None = None, policy: DecodePolicy | None = None) -> None:
+                    on_event: EventSink | None = None, policy: DecodePolicy | None = None) -> list[int]:
         from actors.engine.budget import next_round, round_samples, with_think_start
 
         if policy is not None:
@@ -210,7 +195,7 @@ class VLLMEngine(GenerationEngine):
         with self._lock:
             if request_id in self._requests:
                 raise RequestError(f"request id {request_id!r} is already running")
-            _, ids = self.encode(prompt)
+            ids = self.encode(prompt)
             if p.budget is not None:
                 try:
                     ids = with_think_start(ids, self.budget_token_ids(p.budget, p))
@@ -233,6 +218,7 @@ class VLLMEngine(GenerationEngine):
                     req.choices.append(c)
                     self._submit(req, c, *next_round(sample))
             self.stats["admitted"] += 1
+            return list(req.prompt_ids)
 
     def _submit(self, req: _VRequest, choice: _Choice | None, ids: list[int], p: SamplingConfig) -> None:
         from vllm.inputs import TokensPrompt
@@ -242,10 +228,6 @@ class VLLMEngine(GenerationEngine):
         req.subs.add(sub)
         self._subs[sub] = (req, choice)
         self.llm.llm_engine.add_request(sub, TokensPrompt(prompt_token_ids=list(ids)), to_sampling_params(p))
-
-    def request_prompt_ids(self, request_id: str) -> list[int]:
-        with self._lock:
-            return list(self._requests[request_id].prompt_ids)
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
