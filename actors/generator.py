@@ -43,6 +43,10 @@ class EngineHost:
     def chat(self, conversations: Sequence[Sequence[dict]], sampling: dict | list[dict] | None = None) -> list[dict]:
         return [o.to_dict() for o in self.engine.chat(list(conversations), _sampling(sampling))]
 
+    def update_weights(self, weights: Any, strict: bool = True) -> dict:
+        """Load new weights into this actor's live engine (a state dict or a checkpoint path)."""
+        return self.engine.update_weights(weights, strict=strict)
+
     def info(self) -> dict:
         return {**self.engine.info(), "pid": os.getpid()}
 
@@ -109,6 +113,13 @@ class EnginePool:
 
     def generate(self, prompts: Sequence[Any], sampling=None) -> list:
         return self._spread("generate", list(prompts), sampling)
+
+    def update_weights(self, weights: Any, strict: bool = True) -> list[dict]:
+        """The same new weights into every actor's engine (put in the object store once)."""
+        import ray
+
+        ref = ray.put(weights)
+        return ray.get([a.update_weights.remote(ref, strict) for a in self.actors], timeout=self.timeout_s)
 
 
 class GenerateBatch:

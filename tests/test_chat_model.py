@@ -25,6 +25,15 @@ def test_engine_pool_and_client_satisfy_one_protocol(ray_cluster, tiny_lm_dir):
         pool_outs = _check(pool)
         assert [[c.token_ids for c in o.completions] for o in pool_outs] == \
             [[c.token_ids for c in o.completions] for o in engine_outs]  # greedy: the same answers
+        from selftaught.models import build_model
+
+        local = create_engine(cfg)
+        new = build_model("nano", local.tokenizer, seed=7).state_dict()
+        assert [r["version"] for r in pool.update_weights(new)] == [1, 1]  # every actor, in place
+        local.update_weights(new)
+        sp = SamplingConfig(temperature=1.0, seed=3, max_new_tokens=4, logprobs=0, ignore_eos=True)
+        want, got = local.chat(CONVS, sp), pool.chat(CONVS, sp)
+        assert [o.completions[0].token_ids for o in got] == [o.completions[0].token_ids for o in want]
     finally:
         import ray
 
