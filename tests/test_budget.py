@@ -267,3 +267,24 @@ def test_budget_config_rejects_inconsistent_settings():
         BudgetConfig(num_extensions=2, extension="")
     with pytest.raises(ValueError):
         BudgetConfig(max_thinking_tokens=-1)
+
+
+def test_held_back_thinking_released_at_the_cap_streams_as_reasoning(engine):
+    """Tokens held back as a possible delimiter start are thinking when the cap ends thinking:
+    the stream's reasoning equals the completion's."""
+    ids = _ids(engine, "Once upon a time")
+    g = engine.generate([ids], SamplingConfig(temperature=0.0, max_new_tokens=1, ignore_eos=True))[0]
+    first = g.completions[0].token_ids[0]
+    delim = engine.tokenizer.decode([first]) + "Q"
+    if _ids(engine, delim)[:1] != [first] or len(_ids(engine, delim)) < 2:
+        pytest.skip("no delimiter starting with the model's greedy token")
+    p = SamplingConfig(temperature=0.0, max_new_tokens=16, ignore_eos=True,
+                       budget=BudgetConfig(think_start="", think_end=delim, max_thinking_tokens=5, max_answer_tokens=3))
+    events = []
+    engine.add_request("cap-held", ids, p, on_event=events.append)
+    while engine.has_unfinished():
+        engine.step()
+    c = events[-1].completion
+    assert c.budget["thinking_tokens"] == 5 and c.budget["capped"]
+    assert "".join(e.text for e in events if e.phase == "reasoning") == c.reasoning
+    assert [t for e in events if e.phase == "reasoning" for t in e.token_ids] == c.token_ids[:5]

@@ -171,6 +171,13 @@ def test_budget_forcing_matches_transformers_backend(engines):
     prompt = hf.apply_chat_template(conv)
     plain = hf.generate([prompt], SamplingConfig(temperature=0, max_new_tokens=30))[0].completions[0]
     stops = sorted(set(plain.token_ids[3:8]))  # ids the model does emit: natural "end of thinking"
+    # EOS as the model's own end of thinking (no stop ids): an extension replaces it
+    natural = SamplingConfig(temperature=0, max_new_tokens=80,
+                             budget=BudgetConfig(num_extensions=1, extension="Wait", max_thinking_tokens=60,
+                                                 max_answer_tokens=6))
+    short = hf.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    x, y = hf.generate([short], natural)[0].completions[0], vl.generate([short], natural)[0].completions[0]
+    assert (x.token_ids, x.budget) == (y.token_ids, y.budget) and y.budget["extensions"] == 1
     budgets = [BudgetConfig(max_thinking_tokens=12, answer_cue="Final Answer:", max_answer_tokens=6),
                BudgetConfig(num_extensions=2, extension="Wait", max_thinking_tokens=40, max_answer_tokens=6),
                BudgetConfig(min_thinking_tokens=10, extension="", max_thinking_tokens=30, max_answer_tokens=6)]
@@ -206,6 +213,15 @@ def test_streaming_aborts_logprobs_structured_and_weight_updates(engines):
         vl.step()
     c = events[-1].completion
     assert len(events) > 2 and "".join(e.text for e in events) == c.text
+    ended = []  # a stream that ends on EOS: the EOS is in neither the events nor the completion
+    vl.add_request("s3", vl.apply_chat_template([{"role": "user", "content": "Say hi."}]),
+                   SamplingConfig(temperature=0, max_new_tokens=60, logprobs=0), on_event=ended.append)
+    while vl.has_unfinished():
+        vl.step()
+    done = ended[-1].completion
+    assert done.finish_reason == "stop" and done.stop_reason in vl.eos_ids
+    assert [t for e in ended for t in e.token_ids] == done.token_ids
+    assert [x for e in ended if e.logprobs for x in e.logprobs] == done.logprobs
     assert [t for e in events for t in e.token_ids] == c.token_ids
     assert other[-1].finish_reason == "abort" and other[-1].completion.num_tokens < 200
     ref = hf.generate(["The capital of France is"], p)[0].completions[0]

@@ -166,8 +166,8 @@ class DecodePolicy:
             return True
         return False
 
-    def phase(self, row: RowState) -> Phase:
-        """The phase of the last emitted token (plain decoding is all answer)."""
+    def phase_at(self, row: RowState, index: int) -> Phase:
+        """The phase of the row's ``index``-th generated token (plain decoding: all answer)."""
         return "answer"
 
     def held_back(self, row: RowState) -> int:
@@ -274,9 +274,9 @@ class GenerationEngine(ABC):
             while any(c is None for cs in done.values() for c in cs):
                 self.step()
         finally:
-            for rid in ids:
-                if any(c is None for c in done[rid]):
-                    self.abort(rid)
+            aborted = [rid for rid in ids if any(c is None for c in done[rid]) and self.abort(rid)]
+            if aborted:
+                self.step()  # let the engine drop them now, not at someone's next step
         outs = []
         for i, rid in enumerate(ids):
             comps = [c for c in done[rid] if c is not None]

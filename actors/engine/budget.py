@@ -143,7 +143,6 @@ class BudgetForcing(DecodePolicy):
         self.state = "think"  # think -> control (delimiter) -> answer
         self.labels: deque[str] = deque()
         self.usage = BudgetUsage()
-        self.last = "think"  # label of the last emitted token
         self.run = 0  # sampled thinking tokens at the end of the row (a delimiter may be forming)
         self.max_retract = len(toks.think_end) - 1
 
@@ -202,7 +201,6 @@ class BudgetForcing(DecodePolicy):
 
     def after_token(self, row, token: int, engine) -> bool:
         label = self.labels.popleft() if row.was_forced else ("think" if self.state == "think" else "answer")
-        self.last = label
         u, p = self.usage, row.params
         if label in ("think", "ext"):
             u.thinking_tokens += 1
@@ -229,8 +227,10 @@ class BudgetForcing(DecodePolicy):
             return True
         return False
 
-    def phase(self, row) -> str:
-        return {"think": "reasoning", "ext": "reasoning", "ctl": "control"}.get(self.last, "answer")
+    def phase_at(self, row, index: int) -> str:
+        """Thinking tokens come first, then the delimiter (and cue), then the answer."""
+        t, c = self.usage.thinking_tokens, self.usage.control_tokens
+        return "reasoning" if index < t else "control" if index < t + c else "answer"
 
     def held_back(self, row) -> int:
         """A tail of sampled thinking that may be the start of the delimiter."""

@@ -192,19 +192,20 @@ class TransformersEngine(GenerationEngine):
     def step(self) -> list[StreamEvent]:
         with self._step_lock:
             events: list[StreamEvent] = []
-            self._apply_aborts(events)
-            self._admit(events)
-            if self._rows:
-                try:
+            try:
+                self._apply_aborts(events)
+                self._admit(events)
+                if self._rows:
                     self._decode(events)
-                except Exception as e:  # noqa: BLE001 - the batch forward itself failed (e.g. OOM)
-                    log.exception("decode step failed; failing the %d running rows", len(self._rows))
-                    for row in self._rows:
-                        if not row.done:
-                            self._row_failed(row, e, events)
-                    self._rows, self._cache, self._mask, self._pos, self._logits = [], None, None, None, None
+            except Exception as e:  # noqa: BLE001 - e.g. the batch forward failed (OOM)
+                log.exception("engine step failed; failing the %d running rows", len(self._rows))
+                for row in self._rows:
+                    if not row.done:
+                        self._row_failed(row, e, events)
+                self._rows, self._cache, self._mask, self._pos, self._logits = [], None, None, None, None
             self.stats["steps"] += 1
-        dispatch_events(events, self._requests, self._inbox)
+            # in step order, even when several threads step the engine
+            dispatch_events(events, self._requests, self._inbox)
         return events
 
     def _apply_aborts(self, events: list[StreamEvent]) -> None:
@@ -302,10 +303,15 @@ class TransformersEngine(GenerationEngine):
             return
         T, P = self._mask.shape[1], mask.shape[1]
         W = max(T, P)
-        for la, lb in zip(self._cache.layers, cache.layers):
-            la.keys = torch.cat([F.pad(la.keys, (0, 0, W - T, 0)), F.pad(lb.keys, (0, 0, W - P, 0))])
-            la.values = torch.cat([F.pad(la.values, (0, 0, W - T, 0)), F.pad(lb.values, (0, 0, W - P, 0))])
-        self._mask = torch.cat([F.pad(self._mask, (W - T, 0)), F.pad(mask, (W - P, 0))])
+        # build every layer first and swap at the end: a failure (out of memory) leaves the
+        # running batch as it was, and only the new requests fail
+        joined = [(torch.cat([F.pad(la.keys, (0, 0, W - T, 0)), F.pad(lb.keys, (0, 0, W - P, 0))]),
+                   torch.cat([F.pad(la.values, (0, 0, W - T, 0)), F.pad(lb.values, (0, 0, W - P, 0))]))
+                  for la, lb in zip(self._cache.layers, cache.layers)]
+        new_mask = torch.cat([F.pad(self._mask, (W - T, 0)), F.pad(mask, (W - P, 0))])
+        for layer, (k, v) in zip(self._cache.layers, joined):
+            layer.keys, layer.values = k, v
+        self._mask = new_mask
         self._pos = torch.cat([self._pos, nxt])
         self._logits = torch.cat([self._logits, logits])
         self._rows = self._rows + rows
@@ -395,12 +401,15 @@ class TransformersEngine(GenerationEngine):
         row's last token, its final event."""
         events: list[StreamEvent] = []
         upto = len(row.tokens) - (0 if row.done else row.policy.held_back(row))
-        if upto > row.pushed:
-            new = row.tokens[row.pushed:upto]
-            lps = row.logprobs[row.pushed:upto] if row.logprobs is not None else None
-            tops = row.top[row.pushed:upto] if row.top is not None else None
-            row.pushed = upto
-            phase = row.policy.phase(row)
+        while upto > row.pushed:  # one event per run of tokens of one phase
+            start, phase = row.pushed, row.policy.phase_at(row, row.pushed)
+            end = start + 1
+            while end < upto and row.policy.phase_at(row, end) == phase:
+                end += 1
+            new = row.tokens[start:end]
+            lps = row.logprobs[start:end] if row.logprobs is not None else None
+            tops = row.top[start:end] if row.top is not None else None
+            row.pushed = end
             if phase != row.seg_phase:
                 if row.seg_phase is not None:
                     events += self._flush_segment(row)

@@ -122,6 +122,7 @@ class _Choice:
     stop_reason: Any = None
     # budget-forced samples: the round driver's state and the streamed thinking
     rounds: Any = None
+    round_params: SamplingConfig | None = None  # the settings of the round in flight
     thinking: IncrementalDetokenizer | None = None
     streamed: int = 0
 
@@ -165,7 +166,9 @@ class VLLMEngine(GenerationEngine):
         self.max_len = int(mc.max_model_len)
         self.vocab_size = int(mc.get_vocab_size())
         self.weights_version = 0
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held for a whole step
+        self._inbox = threading.Lock()  # the request table and aborts: never held across a step
+        self._aborts: set[str] = set()
         self._requests: dict[str, _VRequest] = {}
         self._subs: dict[str, tuple[_VRequest, _Choice]] = {}
         self._pending: list[StreamEvent] = []  # events produced outside step (aborts)
@@ -207,7 +210,8 @@ class VLLMEngine(GenerationEngine):
             except ValueError as e:
                 raise RequestError(f"response_format: {e}") from None
             req = _VRequest(request_id, list(ids), p, on_event, [], open=p.n)
-            self._requests[request_id] = req
+            with self._inbox:
+                self._requests[request_id] = req
             if p.budget is None:
                 req.choices = [_Choice(i, logprobs=[] if p.logprobs is not None else None,
                                        top=[] if p.logprobs else None) for i in range(p.n)]
@@ -223,6 +227,8 @@ class VLLMEngine(GenerationEngine):
     def _submit(self, req: _VRequest, choice: _Choice | None, ids: list[int], p: SamplingConfig) -> None:
         from vllm.inputs import TokensPrompt
 
+        if choice is not None:
+            choice.round_params = p
         self._sub_ids += 1
         sub = f"{req.id}#{self._sub_ids}"
         req.subs.add(sub)
@@ -230,10 +236,21 @@ class VLLMEngine(GenerationEngine):
         self.llm.llm_engine.add_request(sub, TokensPrompt(prompt_token_ids=list(ids)), to_sampling_params(p))
 
     def abort(self, request_id: str) -> bool:
-        with self._lock:
+        """Recorded here, carried out at the start of the next step (never waits for a step)."""
+        with self._inbox:
             req = self._requests.get(request_id)
             if req is None or all(c.finish_reason is not None for c in req.choices):
                 return False
+            self._aborts.add(request_id)
+            return True
+
+    def _apply_aborts(self) -> None:
+        with self._inbox:
+            aborts, self._aborts = self._aborts, set()
+        for rid in aborts:
+            req = self._requests.get(rid)
+            if req is None:
+                continue
             if req.subs:
                 self.llm.llm_engine.abort_request(list(req.subs))
             for sub in req.subs:
@@ -245,11 +262,10 @@ class VLLMEngine(GenerationEngine):
                     self._pending.append(self._final(req, c, Completion(
                         text="", token_ids=list(c.token_ids), finish_reason="abort")))
             self.stats["aborted"] += 1
-            return True
 
     def has_unfinished(self) -> bool:
-        with self._lock:
-            return bool(self._requests) or bool(self._pending)
+        with self._inbox:
+            return bool(self._requests) or bool(self._pending) or bool(self._aborts)
 
     def running(self) -> int:
         return len(self._subs)
@@ -257,6 +273,7 @@ class VLLMEngine(GenerationEngine):
     # ------------------------------------------------------------------ the step
     def step(self) -> list[StreamEvent]:
         with self._lock:
+            self._apply_aborts()
             events, self._pending = self._pending, []
             if self._subs:
                 for out in self.llm.llm_engine.step():
@@ -273,7 +290,7 @@ class VLLMEngine(GenerationEngine):
                         req.subs.discard(out.request_id)
                         self._subs.pop(out.request_id, None)
             self.stats["steps"] += 1
-        dispatch_events(events, self._requests, self._lock)
+            dispatch_events(events, self._requests, self._inbox)  # in step order
         return events
 
     def _lps(self, o, ids: list[int], k: int | None) -> tuple[list[float] | None, list | None]:
@@ -296,9 +313,15 @@ class VLLMEngine(GenerationEngine):
             c.logprobs += lps
             if c.top is not None:
                 c.top += tops
+        shown = new
+        p = req.params
+        if (o.finish_reason == "stop" and new and new[-1] in self.eos_ids and new[-1] not in p.stop_token_ids
+                and isinstance(o.stop_reason, (int, type(None)))):
+            # EOS ends the text but is not part of it (as in the final completion)
+            shown, lps, tops = new[:-1], (lps[:-1] if lps else lps), (tops[:-1] if tops else tops)
         events = []
-        if o.text or new:
-            events.append(StreamEvent(request_id=req.id, index=c.index, text=o.text, token_ids=new,
+        if o.text or shown:
+            events.append(StreamEvent(request_id=req.id, index=c.index, text=o.text, token_ids=shown,
                                       logprobs=lps, top_logprobs=tops))
         if o.finish_reason is not None:
             comp = self._completion(c, o, req.params)
@@ -317,7 +340,7 @@ class VLLMEngine(GenerationEngine):
             return []
         s = c.rounds
         phase = s.phase
-        finish_round(s, self._completion(c, o, s.params), self.tokenizer)
+        finish_round(s, self._completion(c, o, c.round_params), self.tokenizer)  # the round's own stops
         c.token_ids, c.text = [], ""
         events = []
         if phase == "think":
