@@ -135,13 +135,74 @@ def bench_synthesis(model: str, n: int = 64, new_tokens: int = 128) -> dict:
     return {"model": model, "prompts": n, "max_new_tokens": new_tokens, "tokens": toks, "tokens_per_s": toks / dt}
 
 
+def bench_sharded_pairing(n: int, dim: int, shards: int, parts: int, k: int = 8, threshold: float = 0.8) -> dict:
+    """Pairing over ``n`` vectors that never sit in one process: Parquet parts written one at
+    a time, shard actors that read their own parts and build IVF indexes, a self-join whose
+    query batches go from shard to shards, vectorised pair selection; peak memory per process."""
+    import resource
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from selftaught.ann import AnnConfig, ShardedIndex, pairs_above
+    from selftaught.config import RayConfig
+    from selftaught.runtime import init_ray
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(1000, dim)).astype(np.float32)
+    tmp = Path(tempfile.mkdtemp(prefix="pairing-"))
+    files, bounds = [], np.linspace(0, n, parts + 1).astype(int)
+    t0 = time.perf_counter()
+    schema = pa.schema([("row", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))])
+    for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        path = tmp / f"part-{p:03d}.parquet"
+        with pq.ParquetWriter(path, schema) as w:  # in chunks: the driver never holds a part
+            for c in range(a, b, 16384):
+                e = min(b, c + 16384)
+                v = centers[rng.integers(0, len(centers), e - c)]
+                v += 0.35 * rng.standard_normal((e - c, dim), dtype=np.float32)
+                v /= np.linalg.norm(v, axis=1, keepdims=True)
+                emb = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), dim)
+                w.write_table(pa.table({"row": np.arange(c, e), "embedding": emb}, schema=schema))
+        files.append(str(path))
+    write_s = time.perf_counter() - t0
+    driver_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    init_ray(RayConfig(include_dashboard=False))
+    cfg = AnnConfig(kind="ivf", shards=shards, nlist=1024, nprobe=4, query_batch=8192)
+    t0 = time.perf_counter()
+    index = ShardedIndex.from_parquet(files, cfg)
+    import ray
+
+    sizes = ray.get([s.size.remote() for s in index.shards])
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs = queries = 0
+    for ids, scores, nbrs in index.self_join(k + 1):
+        queries += len(ids)
+        pairs += len(pairs_above(ids, scores, nbrs, threshold)[0])
+    join_s = time.perf_counter() - t0
+    shard_mb = index.memory_mb()
+    index.close()
+    return {"vectors": n, "dim": dim, "corpus_mb": n * dim * 4 / 1e6, "shards": shards, "parquet_parts": parts,
+            "shard_sizes": sizes, "index": cfg.model_dump(), "k": k, "threshold": threshold,
+            "write_parts_s": write_s, "build_s": build_s, "self_join_s": join_s, "queries": queries,
+            "queries_per_s": queries / join_s, "pairs": pairs,
+            "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "driver_peak_mb_after_writing_parts": driver_before_mb,
+            "shard_peak_mb": shard_mb}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=400)
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--synth-model", default="runs/sbp-tiny/synthesizer/model")
-    ap.add_argument("--only", default="search,synthesis,embedding")
+    ap.add_argument("--only", default="search,synthesis,embedding", help="also: pairing")
+    ap.add_argument("--pairing-vectors", type=int, default=1_000_000)
+    ap.add_argument("--pairing-dim", type=int, default=384)
+    ap.add_argument("--pairing-shards", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = {"benchmark": "sbp", "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -152,9 +213,13 @@ def main() -> None:
     if "synthesis" in only and Path(args.synth_model).exists():
         result["synthesis"] = bench_synthesis(args.synth_model)
         print(json.dumps(result["synthesis"]), flush=True)
+    if "pairing" in only:
+        result["sharded_pairing"] = bench_sharded_pairing(args.pairing_vectors, args.pairing_dim,
+                                                          args.pairing_shards, parts=2 * args.pairing_shards)
+        print(json.dumps(result["sharded_pairing"]), flush=True)
     if "embedding" in only:
         result["embedding"] = bench_embedding(args.docs, args.actors)
-    print(json.dumps(result["embedding"]), flush=True)
+        print(json.dumps(result["embedding"]), flush=True)
     out = Path(args.out or Path(__file__).parent / "results" / "sbp.json")
     out.write_text(json.dumps(result, indent=2))
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import threading
 import time
@@ -40,9 +39,9 @@ from selftaught.config import EngineConfig, SamplingConfig  # noqa: E402
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from selftaught.net import free_port
+
+    return free_port()
 
 
 def pct(values: list[float], q: float) -> float:

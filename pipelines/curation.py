@@ -28,7 +28,6 @@ import logging
 import random
 import re
 from collections import Counter
-from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Protocol, Sequence, runtime_checkable
@@ -37,7 +36,8 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from selftaught.config import EngineConfig, SamplingConfig, Strict
-from selftaught.data.reasoning import extract_answer, format_reasoning_prompt, score_answer
+from selftaught.data.reasoning import answers_match, extract_answer, format_reasoning_prompt, score_answer
+from selftaught.text import normalize_answer  # noqa: F401 - the one answer rule, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -138,24 +138,7 @@ class CurationConfig(Strict):
 
 
 # ---------------------------------------------------------------------------------- correctness
-_NUMERIC = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
 _ANSWER_MARKUP = re.compile(r"<answer>|\\boxed\{", re.I)
-_TEXT_CMD = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
-
-
-def normalize_answer(value: Any) -> str:
-    """Canonical form for comparing short answers: no TeX wrappers or ``$``, no trailing
-    period, lower case, single spaces; numbers without thousands separators or trailing
-    zeros ("1,000.0" -> "1000")."""
-    s = _TEXT_CMD.sub(r"\1", str(value)).strip().rstrip(".").strip().strip("$")
-    s = " ".join(s.rstrip(".").split()).lower()
-    if _NUMERIC.fullmatch(s):
-        try:
-            d = Decimal(s.replace(",", ""))
-            s = str(int(d)) if d == d.to_integral_value() else format(d.normalize(), "f")
-        except InvalidOperation:
-            pass
-    return s
 
 
 def _verifier_meta(row: Row) -> dict | None:
@@ -178,8 +161,9 @@ def is_correct(row: Row, text: str) -> bool:
 
     Rows built by reasoning-gym are judged by the task's own verifier (it knows equivalent
     forms a string match misses); other rows compare the extracted answer with the ``answer``
-    column after :func:`normalize_answer` (an answer column in ``<answer>`` tags or
-    ``\\boxed{}`` is unwrapped first)."""
+    column by :func:`~selftaught.data.reasoning.answers_match`: equal after
+    :func:`~selftaught.text.normalize_answer`, or mathematically equal by math-verify
+    ("1/2" = "0.5"); an answer column in ``<answer>`` tags or ``\\boxed{}`` is unwrapped first."""
     if not isinstance(text, str) or not text.strip():
         return False
     if _verifier_meta(row) is not None:
@@ -190,11 +174,11 @@ def is_correct(row: Row, text: str) -> bool:
     answer = row.get("answer")
     if answer is None or not str(answer).strip():
         return False
-    pred = normalize_answer(extract_answer(text))
-    gold = {normalize_answer(answer)}
+    pred = extract_answer(text)
+    gold = [str(answer)]
     if _ANSWER_MARKUP.search(str(answer)):  # a stored "\\boxed{5}" means 5; "between 2 and 3" never means 3
-        gold.add(normalize_answer(extract_answer(str(answer))))
-    return bool(pred) and pred in gold
+        gold.append(extract_answer(str(answer)))
+    return any(answers_match(pred, g) for g in gold)
 
 
 # ---------------------------------------------------------------------------------- quality

@@ -4,6 +4,7 @@ Each returns a :class:`~selftaught.storage.Stage`; a finished one is skipped on 
 config or input reruns it (and, through the dependency hashes, what follows)."""
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from pydantic import Field
 
 from selftaught.config import Strict
 from selftaught.storage import RunDir, Stage, file_fingerprint, read_parquet, write_parquet
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -112,8 +115,10 @@ def model_dir(stage: Stage) -> Path:
 def train_stage(run: RunDir, name: str, train_cfg, init: Stage | Path, sources: Callable[[], list],
                 eval_docs: Callable[[], list] | None, deps: tuple[Stage, ...] = (), extra: dict | None = None) -> Stage:
     """Train under Ray Train from ``init``'s model (a stage, or a checkpoint directory such as
-    a packaged model). An interrupted stage keeps its checkpoints (same hash) and the loop
-    resumes from the newest one."""
+    a packaged model). The stage's hash covers the settings that change results (not the progress
+    bar or restart policy); an interrupted stage resumes from Ray Train's newest checkpoint of the
+    run named after that hash. A run cut short by ``stop_after_steps`` leaves the stage unfinished
+    (a re-run resumes it)."""
     from trainers.ray_train import fit
 
     if isinstance(init, Stage):
@@ -121,11 +126,15 @@ def train_stage(run: RunDir, name: str, train_cfg, init: Stage | Path, sources: 
     else:
         init_dir = Path(init)
         extra = {**(extra or {}), "init": str(init_dir)}
-    st = run.stage(name, {"train": train_cfg, **(extra or {})}, deps=list(deps))
+    st = run.stage(name, {"train": train_cfg.result_fields(), **(extra or {})}, deps=list(deps))
     if not st.up_to_date():
         st.begin(keep_partial=True)
         summary = fit(train_cfg, init_dir, sources(), eval_docs() if eval_docs else None, st.path,
-                      run.root / "ray_train", name=f"{run.root.name}-{name}")
+                      run.root / "ray_train", name=f"{run.root.name}-{name}-{st.hash[:12]}")
+        if not summary["finished"]:
+            log.warning("stage %s: stopped after %d of %d steps; run again to resume", name, summary["steps"],
+                        summary["total_steps"])
+            return st
         for f in TOKENIZER_FILES:
             if (init_dir / f).exists():
                 shutil.copy(init_dir / f, st.path / "model" / f)

@@ -1,8 +1,9 @@
 """LLM client for remote models, built on litellm.
 
 One client covers hosted API providers, any OpenAI-compatible server (a vLLM server, our own
-Ray Serve endpoints) and offline dry runs (``mock_response``). Every call goes through the same
-retry loop, concurrency bound and accounting, so a pipeline can swap a provider for a local
+Ray Serve endpoints) and offline dry runs (``mock_response``). Every call, sync or async, goes
+through the same retry policy (tenacity: exponential backoff with jitter, Retry-After honoured,
+non-retryable errors fail at once), concurrency bound and accounting, so a pipeline can swap a provider for a local
 endpoint without changing how it budgets tokens and dollars.
 
     client = LLMClient(LLMConfig(model="openai/selftaught", api_base="http://127.0.0.1:8000/v1"))
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import tenacity
 from pydantic import Field, field_validator, model_validator
 
 from selftaught.config import SamplingConfig, Strict
@@ -288,7 +290,7 @@ class LLMClient:
         if cfg.mock_response is not None:
             kw["mock_response"] = cfg.mock_response
         _merge(kw, overrides)
-        kw["num_retries"] = 0  # the retry loop is ours: litellm and the OpenAI SDK must not add theirs
+        kw["num_retries"] = 0  # the retry policy is ours: litellm and the OpenAI SDK must not add theirs
         kw["max_retries"] = 0
         return kw
 
@@ -353,19 +355,32 @@ class LLMClient:
             with path.open("a") as f:
                 f.write(json.dumps(line) + "\n")
 
-    def _failure(self, e: BaseException, attempt: int, t0: float) -> float:
-        """Decide after a failed attempt: return the delay before the next one, or record the
-        call as failed and raise ``LLMError``."""
+    def _retry_policy(self) -> dict[str, Any]:
+        """The one retry policy of sync and async calls, as tenacity arguments: up to
+        ``max_retries`` extra attempts, only for :func:`is_retryable` errors, waiting
+        :meth:`_backoff` between them; the last error is re-raised for :meth:`_give_up`."""
+        cfg = self.cfg
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            if state.attempt_number > cfg.max_retries:  # tenacity asks before its stop check: no retry follows
+                return 0.0
+            return self._backoff(state.attempt_number, state.outcome.exception())
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            log.warning("%s: %s; retry %d/%d in %.2fs", cfg.model, type(state.outcome.exception()).__name__,
+                        state.attempt_number, cfg.max_retries, state.upcoming_sleep)
+
+        return {"stop": tenacity.stop_after_attempt(cfg.max_retries + 1),
+                "retry": tenacity.retry_if_exception(is_retryable), "wait": wait,
+                "before_sleep": before_sleep, "reraise": True}
+
+    def _give_up(self, e: BaseException, attempt: int, t0: float) -> LLMError:
+        """Record a call that failed for good and describe it as an ``LLMError``."""
         retryable = is_retryable(e)
         reason = f"{type(e).__name__}: {e}"
-        if retryable and attempt <= self.cfg.max_retries:
-            delay = self._backoff(attempt, e)
-            log.warning("%s: %s; retry %d/%d in %.2fs", self.cfg.model, type(e).__name__, attempt,
-                        self.cfg.max_retries, delay)
-            return delay
         self._record(None, attempt, time.perf_counter() - t0, reason)
         why = f"gave up after {attempt} attempts" if retryable else "not retryable"
-        raise LLMError(f"{self.cfg.model}: {why}: {reason}", attempt, e, retryable, reason) from e
+        return LLMError(f"{self.cfg.model}: {why}: {reason}", attempt, e, retryable, reason)
 
     def _config_error(self, e: LLMError) -> LLMError:
         self._record(None, 0, 0.0, e.reason)
@@ -387,16 +402,16 @@ class LLMClient:
         with self._sem:
             t0 = time.perf_counter()
             attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    resp = litellm.completion(**kw)
-                    result = self._result(resp, kw, time.perf_counter() - t0, attempt)
-                except Exception as e:  # noqa: BLE001 - classified in _failure
-                    time.sleep(self._failure(e, attempt, t0))
-                    continue
-                self._record(result, attempt, result.latency_s)
-                return result
+            try:
+                for state in tenacity.Retrying(**self._retry_policy()):
+                    with state:
+                        attempt = state.retry_state.attempt_number
+                        resp = litellm.completion(**kw)
+                        result = self._result(resp, kw, time.perf_counter() - t0, attempt)
+            except Exception as e:  # noqa: BLE001 - classified in _give_up
+                raise self._give_up(e, attempt, t0) from e
+            self._record(result, attempt, result.latency_s)
+            return result
 
     def complete_many(self, prompts: Sequence[Prompt], *, return_exceptions: bool = False,
                       sampling: SamplingConfig | None = None, **overrides: Any) -> list[LLMResult | LLMError]:
@@ -479,16 +494,16 @@ class LLMClient:
         async with self._async_sem():
             t0 = time.perf_counter()
             attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    resp = await litellm.acompletion(**kw)
-                    result = self._result(resp, kw, time.perf_counter() - t0, attempt)
-                except Exception as e:  # noqa: BLE001 - classified in _failure
-                    await asyncio.sleep(self._failure(e, attempt, t0))
-                    continue
-                self._record(result, attempt, result.latency_s)
-                return result
+            try:
+                async for state in tenacity.AsyncRetrying(**self._retry_policy()):
+                    with state:
+                        attempt = state.retry_state.attempt_number
+                        resp = await litellm.acompletion(**kw)
+                        result = self._result(resp, kw, time.perf_counter() - t0, attempt)
+            except Exception as e:  # noqa: BLE001 - classified in _give_up
+                raise self._give_up(e, attempt, t0) from e
+            self._record(result, attempt, result.latency_s)
+            return result
 
     async def acomplete_many(self, prompts: Sequence[Prompt], *, return_exceptions: bool = False,
                              sampling: SamplingConfig | None = None, **overrides: Any) -> list[LLMResult | LLMError]:

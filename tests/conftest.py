@@ -11,6 +11,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 import pytest  # noqa: E402
 
+from selftaught.net import free_port  # noqa: E402,F401 - tests import it from here
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
@@ -25,15 +27,6 @@ def ray_cluster(tmp_path_factory):
     init_ray(RayConfig(num_cpus=4, temp_dir=os.environ.get("SELFTAUGHT_TEST_RAY_TMP")))
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    """A TCP port on the loopback that nothing listens on right now (for Serve apps)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wiki_texts(limit: int) -> list[str]:

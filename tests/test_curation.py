@@ -340,3 +340,26 @@ def test_write_curation_files_match_the_report(tmp_path):
         assert f"| {name} | {d['input'][name]} | {d['candidates'][name]} | {d['selected'][name]} |" in md
     assert "target_size: 12" in md
     assert "3 rows without a question or answer were skipped" in md
+
+
+def test_math_answers_are_compared_by_value():
+    """math-verify next to the string rule and reasoning-gym's verifiers: equivalent forms of
+    one number count, lists, words and partial matches do not."""
+    from selftaught.data.reasoning import build_reasoning, math_equivalent, score_answer
+
+    for pred, gold in (("1/2", "0.5"), ("\\frac{1}{2}", "0.5"), ("$\\frac12$", "1/2"), ("0.50", "1/2"),
+                       ("\\dfrac{3}{4}", "0.75"), ("-5.0", "-5"), ("2x+1", "1+2x")):
+        assert math_equivalent(pred, gold), (pred, gold)
+    for pred, gold in (("1, 2, 3", "3, 2, 1"), ("x+1", "1"), ("2 or 3", "3"), ("-5", "5"), ("1/3", "0.33"),
+                       ("Paris", "paris"), ("1 2 3", "6")):
+        assert not math_equivalent(pred, gold), (pred, gold)
+    assert is_correct({"answer": "0.5"}, "so the answer is \\boxed{\\frac{1}{2}}")
+    assert is_correct({"answer": "\\frac{1}{2}"}, "<answer>0.5</answer>")
+    assert is_correct({"answer": "1/2"}, "Answer: 0.5") and not is_correct({"answer": "1/2"}, "Answer: 0.4")
+    assert is_correct({"answer": "Paris"}, "Answer: paris.") and not is_correct({"answer": "2 or 3"}, "Answer: 3")
+    # a reasoning-gym row answered as a fraction its verifier does not read
+    row = build_reasoning(["basic_arithmetic"], size=1)[0][0]
+    n = int(row["answer"])
+    answer = f"<answer>\\frac{{{2 * n}}}{{2}}</answer>"
+    assert score_answer(row, answer, binary=True) == 1.0 and is_correct(row, answer)
+    assert score_answer(row, f"<answer>\\frac{{{2 * n + 1}}}{{2}}</answer>", binary=True) == 0.0

@@ -372,3 +372,34 @@ def test_http_async_round_trip(server):
     out = asyncio.run(client.acomplete_many(["abc", "xyz", "123"]))
     assert [o.text for o in out] == ["cba", "zyx", "321"] and sum(o.attempts for o in out) == 4
     assert client.usage.snapshot()["prompt_tokens"] == 21
+
+
+class _Throttled(Exception):
+    """A 429 carrying a Retry-After header, as litellm's errors keep them."""
+
+    status_code = 429
+
+    def __init__(self, retry_after: str):
+        super().__init__("throttled")
+        self.headers = {"retry-after": retry_after}
+
+
+def test_sync_and_async_calls_share_one_retry_policy(monkeypatch):
+    """The same schedule, predicate and give-up rule for complete() and acomplete()."""
+    outcomes = {}
+    for name in ("completion", "acompletion"):
+        calls = _flaky(monkeypatch, 10, _Throttled("0.03"), name=name)
+        client = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok", max_retries=2,
+                                     backoff_initial_s=0.01, backoff_max_s=0.02))
+        delays = _record_backoff(client)
+        call = client.complete if name == "completion" else (lambda p: asyncio.run(client.acomplete(p)))
+        with pytest.raises(LLMError, match="gave up after 3 attempts") as info:
+            call("hi")
+        # Retry-After honoured (capped at backoff_max_s), then the last error raised as LLMError
+        outcomes[name] = (calls["n"], delays, info.value.attempts, info.value.retryable,
+                          client.usage.snapshot()["retries"], client.usage.snapshot()["errors"])
+        calls = _flaky(monkeypatch, 10, ValueError("a bug"), name=name)
+        with pytest.raises(LLMError, match="not retryable") as info:
+            call("hi")
+        assert calls["n"] == 1 and info.value.attempts == 1 and isinstance(info.value.cause, ValueError)
+    assert outcomes["completion"] == outcomes["acompletion"] == (3, [0.02, 0.02], 3, True, 2, 1)

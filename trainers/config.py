@@ -1,11 +1,15 @@
 """Training configuration: one loop, its budget measured in tokens seen."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from selftaught.config import Strict
+
+
+NOT_RESULTS = {"progress", "cpus_per_worker", "checkpoint_every", "keep_checkpoints", "resume", "stop_after_steps",
+               "max_failures"}
 
 
 class TrainConfig(Strict):
@@ -34,11 +38,17 @@ class TrainConfig(Strict):
     zero_stage: int = Field(default=1, ge=0, le=3)
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory
     # checkpoints: model, optimizer, scheduler, sampler position and RNG, every N steps and at the end
-    checkpoint_every: int | None = Field(default=None, ge=1)
+    checkpoint_every: int | None = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
     stop_after_steps: int | None = Field(default=None, ge=1)  # end early (after checkpointing): preemption drills
     max_failures: int = Field(default=0, ge=-1)  # Ray Train restarts of a failed run (-1: unlimited)
+
+    def result_fields(self) -> dict[str, Any]:
+        """The settings that decide what a run computes: a stage's fingerprint and a checkpoint's
+        claim to belong to this run use these, so a changed progress bar or restart policy
+        neither retrains nor refuses to resume."""
+        return self.model_dump(exclude=NOT_RESULTS)
 
     def tokens_per_step(self) -> int:
         return self.seq_len * self.micro_batch_size * self.grad_accum * self.num_workers

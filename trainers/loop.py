@@ -14,7 +14,7 @@ import math
 import os
 import random
 import shutil
-import socket
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,25 +26,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from selftaught.net import free_port
 from trainers.config import TrainConfig
 from trainers.data import eval_windows
-from trainers.mixture import MixtureSampler, TokenSource, labels_from
+from trainers.mixture import Batch, MixtureSampler, TokenSource, labels_from
 
 log = logging.getLogger(__name__)
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def lr_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
+    """transformers' linear warm-up (``warmup_frac`` of the steps), then cosine decay to
+    ``min_lr_ratio`` x ``lr`` or a constant rate."""
+    from transformers import get_scheduler
+
     warm = int(cfg.warmup_frac * total_steps)
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        prog = (step - warm) / max(1, total_steps - warm)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0)))
-
-    return f
+    if cfg.schedule == "constant":
+        return get_scheduler("constant_with_warmup", opt, num_warmup_steps=warm)
+    return get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warm, num_training_steps=total_steps,
+                         scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -55,16 +54,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def masked_lm_loss(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the tokens whose mask is 1 (all when no mask)."""
+def lm_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the tokens whose mask is 1 (all when no mask), and
+    their number. ``positions`` (restarting at each packed example) make transformers attend
+    block-diagonally, so packed examples do not see each other."""
     if mask is None:
         inputs, labels = ids[:, :-1], ids[:, 1:]
     else:
         inputs, labels = labels_from(ids, mask)
-    logits = model(input_ids=inputs).logits
+    pos = positions[:, :-1] if positions is not None else None
+    logits = model(input_ids=inputs, position_ids=pos, use_cache=False).logits  # a cache turns packing off
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
-    n = (labels != -100).sum()
+    return loss, (labels != -100).sum()
+
+
+def masked_lm_loss(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens whose mask is 1 (all when no mask)."""
+    loss, n = lm_loss_sum(model, ids, mask)
     return loss / n.clamp(min=1)
 
 
@@ -99,12 +107,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_dist(device: str) -> None:
     """DeepSpeed needs a process group even for one process."""
     if dist.is_initialized():
@@ -113,7 +115,7 @@ def _ensure_dist(device: str) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
@@ -186,7 +188,7 @@ class _Trainer:
                 opt = DeepSpeedCPUAdam(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
             else:
                 opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+            sched = lr_schedule(cfg, opt, total_steps)
             self.engine, self.opt, _, self.sched = deepspeed.initialize(
                 model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
             self.core = self.engine.module
@@ -199,21 +201,26 @@ class _Trainer:
                     model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
             self.opt = torch.optim.AdamW(param_groups(self.core, cfg.weight_decay), lr=cfg.lr,
                                          betas=tuple(cfg.betas), fused=device == "cuda")
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, total_steps))
+            self.sched = lr_schedule(cfg, self.opt, total_steps)
         self.autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16)
                          if cfg.dtype == "bfloat16" and not self.ds else nullcontext())
         self.core.train()
 
-    def micro_step(self, ids, mask, last: bool) -> float:
+    def micro_step(self, b: Batch, scale: float, last: bool) -> float:
+        """Backward of the micro-batch's summed loss times ``scale`` (world size over the step's
+        loss tokens on all ranks: the engines average over ranks), so the step's gradient is the
+        mean over its loss tokens however they fall across micro-batches. Returns the sum."""
+        ids, mask = b.ids.to(self.device), b.mask.to(self.device)
+        pos = b.positions.to(self.device) if b.positions is not None else None
         if self.ds:
-            loss = masked_lm_loss(self.engine, ids, mask)
-            self.engine.backward(loss)
+            loss, _ = lm_loss_sum(self.engine, ids, mask, pos)
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()  # applies the update at the accumulation boundary only
             return float(loss.detach())
-        sync = nullcontext() if (self.world == 1 or last) else self.model.no_sync()
-        with sync, self.autocast:
-            loss = masked_lm_loss(self.model, ids, mask)
-        (loss / self.cfg.grad_accum).backward()
+        with nullcontext() if (self.world == 1 or last) else self.model.no_sync():
+            with self.autocast:
+                loss, _ = lm_loss_sum(self.model, ids, mask, pos)
+            (loss * scale).backward()
         return float(loss.detach())
 
     def optimizer_step(self) -> float | None:
@@ -262,10 +269,16 @@ class _Trainer:
 
 def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | None, cfg: TrainConfig,
                     out_dir: str | Path | None = None, on_log: Callable[[dict], None] | None = None,
-                    device: str | None = None, pad_id: int | None = None) -> dict:
+                    device: str | None = None, pad_id: int | None = None,
+                    on_step: Callable[[int, int], None] | None = None, resume_from: Path | None = None,
+                    on_checkpoint: Callable[[Path, int], None] | None = None) -> dict:
     """Train ``model`` on ``train`` (token sources, or plain token arrays) until ``cfg.token_budget``
     tokens have been seen. Rank 0 writes ``metrics.jsonl``, ``curves.png`` and, when ``out_dir`` is
-    given, the final Hugging Face model in ``out_dir/model``. Returns a summary."""
+    given, the final Hugging Face model in ``out_dir/model``. ``on_step(step, rank)`` runs before
+    every step (fault drills). ``resume_from`` names a checkpoint to continue from (default: the
+    newest in ``out_dir``); with ``on_checkpoint(path, step)`` checkpoints go to a temporary
+    directory handed to it on every rank (Ray Train uploads it) instead of ``out_dir``.
+    Returns a summary."""
     device = device or ("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     init_from_env(device)
     rank, world = _world()
@@ -278,11 +291,12 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
     if total_steps < 1:
         raise ValueError(f"token_budget {cfg.token_budget} is smaller than one optimizer step "
                          f"({tokens_per_step} tokens with {world} workers)")
-    if all(not s.repeat for s in sources):
+    if all(not s.repeat for s in sources):  # each window reads seq_len + 1 tokens
         have = sum(s.num_tokens for s in sources)
-        if have < cfg.token_budget:
+        need = total_steps * cfg.micro_batch_size * cfg.grad_accum * world * (cfg.seq_len + 1)
+        if have < need:
             raise ValueError(f"every source is never-repeat and they hold {have} tokens, less than the "
-                             f"{cfg.token_budget}-token budget")
+                             f"{need} that the {cfg.token_budget}-token budget reads ({cfg.seq_len + 1} per window)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -293,7 +307,7 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
     tr = _Trainer(model, cfg, total_steps, device, world)
 
     start_step, history = 0, []
-    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    ckpt = resume_from or (latest_checkpoint(out_dir) if cfg.resume else None)
     if ckpt is not None:
         extra = tr.load(ckpt, rank)
         sampler.load_state_dict(extra["sampler"])
@@ -317,6 +331,12 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
         if on_log and rank == 0:
             on_log(rec)
 
+    def all_sum(x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(t)
+        return float(t)
+
     def source_totals() -> dict[str, dict[str, int]]:
         t = torch.tensor([[sampler.tokens[n], sampler.loss_tokens[n]] for n in names], dtype=torch.float64)
         if world > 1:
@@ -325,11 +345,17 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
         return {n: {"tokens": int(t[i, 0]), "loss_tokens": int(t[i, 1])} for i, n in enumerate(names)}
 
     def checkpoint(step: int) -> None:
+        extra = {"sampler": sampler.state_dict(), "rng": _rng_state(), "step": step, "history": list(history)}
+        if on_checkpoint is not None:
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # Ray may move it
+                tr.save(Path(tmp), rank, extra)
+                _barrier()
+                on_checkpoint(Path(tmp), step)
+            return
         if out_dir is None:
             return
         path = _ckpt_root(out_dir) / f"step-{step:07d}"
-        tr.save(path, rank, {"sampler": sampler.state_dict(), "rng": _rng_state(), "step": step,
-                             "history": list(history)})
+        tr.save(path, rank, extra)
         _barrier()
         if rank == 0:
             (path / "COMPLETE").write_text(json.dumps({"step": step, "time": time.time()}))
@@ -346,19 +372,17 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
     stop_at = min(total_steps, cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
     step = start_step
     for step in range(start_step + 1, stop_at + 1):
-        loss_acc = 0.0
-        for micro in range(cfg.grad_accum):
-            _, ids, mask = sampler.next_batch(cfg.micro_batch_size)
-            loss_acc += tr.micro_step(ids.to(device), mask.to(device), micro == cfg.grad_accum - 1) / cfg.grad_accum
+        if on_step is not None:
+            on_step(step, rank)
+        batches = [sampler.draw(cfg.micro_batch_size) for _ in range(cfg.grad_accum)]
+        n_loss = all_sum(sum(int((b.mask[:, 1:] != 0).sum()) for b in batches))
+        loss_sum = sum(tr.micro_step(b, world / max(n_loss, 1.0), last=i == len(batches) - 1)
+                       for i, b in enumerate(batches))
         gnorm = tr.optimizer_step()
         tokens_seen = step * tokens_per_step
         if step % cfg.log_every == 0 or step == total_steps:
-            loss_t = torch.tensor([loss_acc], device=device)
-            if world > 1:
-                dist.all_reduce(loss_t)
-                loss_t /= world
-            now = time.perf_counter()
-            rec = {"step": step, "tokens_seen": tokens_seen, "loss": float(loss_t), "lr": tr.lr(),
+            now, loss = time.perf_counter(), all_sum(loss_sum) / max(n_loss, 1.0)
+            rec = {"step": step, "tokens_seen": tokens_seen, "loss": loss, "lr": tr.lr(),
                    "tokens_per_s": (tokens_seen - tok_last) / max(now - t_last, 1e-9), "grad_norm": gnorm,
                    "sources": source_totals()}
             t_last, tok_last = now, tokens_seen
@@ -377,7 +401,7 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
     if metrics_f:
         metrics_f.close()
     if finished and out_dir is not None:
-        if cfg.checkpoint_every:
+        if cfg.checkpoint_every and on_checkpoint is None:
             checkpoint(step)
         tr.save_final(out_dir / "model", rank)
         if rank == 0:

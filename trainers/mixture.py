@@ -6,7 +6,9 @@ A *source* is a list of token segments with loss masks, of one of two kinds:
   continued pretraining, replay data). Every token is a loss token.
 - ``examples``: whole examples (a synthesizer-tuning pair d1 -> d2, an SFT conversation) packed
   greedily into windows without splitting one; the rest of a window is padding. The mask says
-  which tokens carry loss (d2's, the assistant's).
+  which tokens carry loss (d2's, the assistant's). Each batch carries position ids restarting
+  at every example, from which transformers builds block-diagonal causal attention: a packed
+  example sees only itself.
 
 Each micro-batch comes from one source, chosen at random by weight (EntiGraph's replay: the
 generic source with probability 0.1 per batch). A source with ``repeat=False`` (SBP's
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +49,13 @@ class TokenSource:
     @property
     def num_tokens(self) -> int:
         return int(sum(len(x) for x in self.ids))
+
+
+class Batch(NamedTuple):
+    source: str
+    ids: torch.Tensor  # (batch, seq_len + 1) token ids
+    mask: torch.Tensor  # (batch, seq_len + 1) uint8 loss mask
+    positions: torch.Tensor | None  # per-example positions of packed examples; None for streams
 
 
 class Exhausted(Exception):
@@ -90,7 +99,7 @@ class SourceStream:
         m = self.src.masks
         return m[i] if m is not None else np.ones(len(self.src.ids[i]), np.uint8)
 
-    def next_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.src.kind == "stream":
             need = batch * self.L
             while len(self.buf_ids) < need:
@@ -102,27 +111,37 @@ class SourceStream:
             ids, self.buf_ids = self.buf_ids[:need], self.buf_ids[need:]
             mask, self.buf_mask = self.buf_mask[:need], self.buf_mask[need:]
             return (torch.from_numpy(ids.astype(np.int64)).view(batch, self.L),
-                    torch.from_numpy(mask.astype(np.uint8)).view(batch, self.L))
+                    torch.from_numpy(mask.astype(np.uint8)).view(batch, self.L), None)
+        return self._pack(batch)
+
+    def _pack(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of whole examples, positions restarting at each one (padding is a segment of its
+        own). When the source runs out, the rows already filled are returned with the rest padded;
+        only an empty batch raises ``Exhausted``."""
         rows_ids = np.full((batch, self.L), self.pad_id, np.int64)
         rows_mask = np.zeros((batch, self.L), np.uint8)
+        rows_pos = np.tile(np.arange(self.L, dtype=np.int64), (batch, 1))
         for r in range(batch):
             fill = 0
             while True:
                 if len(self.buf_ids) == 0:  # one pending example lives in the buffer
                     i = self._advance()
                     if i is None:
-                        if fill == 0:
+                        if r == 0 and fill == 0:
                             raise Exhausted(self.src.name)
-                        break
+                        rows_pos[r, fill:] = np.arange(self.L - fill)
+                        return torch.from_numpy(rows_ids), torch.from_numpy(rows_mask), torch.from_numpy(rows_pos)
                     self.buf_ids, self.buf_mask = self.src.ids[i], self._mask(i)
                 n = len(self.buf_ids)
                 if fill + n > self.L:
                     break
                 rows_ids[r, fill:fill + n] = self.buf_ids
                 rows_mask[r, fill:fill + n] = self.buf_mask
+                rows_pos[r, fill:fill + n] = np.arange(n)
                 fill += n
                 self.buf_ids, self.buf_mask = np.zeros(0, np.int32), np.zeros(0, np.uint8)
-        return torch.from_numpy(rows_ids), torch.from_numpy(rows_mask)
+            rows_pos[r, fill:] = np.arange(self.L - fill)
+        return torch.from_numpy(rows_ids), torch.from_numpy(rows_mask), torch.from_numpy(rows_pos)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "order": list(self.order), "next": self.next,
@@ -159,18 +178,22 @@ class MixtureSampler:
         self.exhausted: list[str] = []
 
     def next_batch(self, batch: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+        b = self.draw(batch)
+        return b.source, b.ids, b.mask
+
+    def draw(self, batch: int) -> Batch:
         while self.active:
             w = np.array([self.weights[n] for n in self.active], dtype=np.float64)
             name = self.active[int(self.rng.choice(len(self.active), p=w / w.sum()))]
             try:
-                ids, mask = self.streams[name].next_batch(batch)
+                ids, mask, positions = self.streams[name].next_batch(batch)
             except Exhausted:
                 self.active.remove(name)
                 self.exhausted.append(name)
                 continue
             self.tokens[name] += batch * self.seq_len
             self.loss_tokens[name] += int(mask[:, 1:].sum())
-            return name, ids, mask
+            return Batch(name, ids, mask, positions)
         raise RuntimeError("every source is exhausted (all are never-repeat): the token budget is larger "
                            "than the data; add a repeating source or lower the budget")
 

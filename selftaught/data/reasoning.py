@@ -5,12 +5,17 @@ generator's full entry (question, answer, metadata) as JSON, plus the ``size`` a
 the set was made with, so the same dataset object (and its config-dependent scoring) can be
 rebuilt when the stored entry is not exactly JSON-representable. ``reasoning_gym`` takes a
 few seconds to import, so it is imported only when a set is built or scored.
+
+Answers are judged by the task's own verifier first; an answer it rejects still counts when
+math-verify finds it mathematically equal to the task's answer (``0.5`` for ``1/2``,
+``\\frac{1}{2}`` for ``0.5``, ``-5.0`` for ``-5``): see :func:`math_equivalent`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -135,11 +140,63 @@ def format_reasoning_prompt(row: dict) -> str:
             f"inside <answer></answer> tags.")
 
 
+_TEX_CMD = re.compile(r"\\[a-zA-Z]+")
+_MAX_MATH_CHARS = 200
+
+
+def _math_like(s: str) -> bool:
+    """A single mathematical expression math-verify can be trusted with: a number, fraction,
+    TeX expression or single-letter algebra. Words ("Paris", "2 or 3"), lists and tuples
+    ("1, 2, 3": order may matter to the task, math-verify compares them as sets) and
+    space-separated numbers are left to string comparison and the task's verifier."""
+    if not s or len(s) > _MAX_MATH_CHARS or not re.search(r"\d|\\", s):
+        return False
+    bare = _TEX_CMD.sub(" ", s)
+    return not (re.search(r"[A-Za-z]{2,}", bare) or re.search(r"\d\s+\d", bare)
+                or re.search(r",(?!\d{3}(?!\d))", bare))
+
+
+@lru_cache(maxsize=4096)
+def _math_parse(s: str, timeout: int | None) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse(s if "$" in s else f"${s}$", parsing_timeout=timeout))
+
+
+def math_equivalent(pred: Any, gold: Any) -> bool:
+    """Whether ``pred`` and ``gold`` are the same mathematical value by math-verify ("1/2",
+    "0.5", "\\frac{1}{2}", "$\\frac12$" all match; floats compared after rounding to 6
+    places). Only single expressions are compared (see :func:`_math_like`); anything else is
+    False. math-verify's time limit uses SIGALRM, so it applies in the main thread only."""
+    pred, gold = str(pred).strip(), str(gold).strip()
+    if not (_math_like(pred) and _math_like(gold)):
+        return False
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        from math_verify import verify
+
+        p, g = _math_parse(pred, timeout), _math_parse(gold, timeout)
+        return bool(p and g and verify(list(g), list(p), timeout_seconds=timeout))
+    except Exception as e:  # noqa: BLE001 - sympy/antlr failures and timeouts mean "not shown equal"
+        log.debug("reasoning: math-verify could not compare %r and %r (%s)", pred, gold, e)
+        return False
+
+
+def answers_match(pred: Any, gold: Any) -> bool:
+    """One answer check for rows without a task verifier: equal after
+    :func:`selftaught.text.normalize_answer`, or mathematically equal (:func:`math_equivalent`)."""
+    from selftaught.text import normalize_answer
+
+    p = normalize_answer(pred)
+    return bool(p) and (p == normalize_answer(gold) or math_equivalent(pred, gold))
+
+
 def score_answer(row: dict, answer_text: str, extract: bool = True, binary: bool = False) -> float:
     """reasoning-gym's own verdict for ``answer_text``: 1.0 correct, otherwise 0.0 or the
     task's partial credit (``gsm_symbolic`` gives 0.01 for a wrong but well-formed number, a
-    shaping signal for RL). ``binary`` keeps only exact credit (accuracy); ``extract`` first
-    cuts the answer out of a full solution."""
+    shaping signal for RL). An answer the verifier does not fully credit gets 1.0 when
+    math-verify shows it equal to the task's answer (:func:`math_equivalent`). ``binary``
+    keeps only exact credit (accuracy); ``extract`` first cuts the answer out of a full solution."""
     answer = extract_answer(answer_text) if extract else answer_text
     meta = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
     ds, entry = _dataset(row["task"], meta["size"], meta["seed"], meta.get("config")), entry_of(row)
@@ -147,5 +204,7 @@ def score_answer(row: dict, answer_text: str, extract: bool = True, binary: bool
         score = float(ds.score_answer(answer, entry))
     except Exception as e:  # a verifier that chokes on garbage means the answer is wrong
         log.debug("reasoning: scoring %s failed (%s)", row.get("id"), e)
-        return 0.0
+        score = 0.0
+    if score < 1.0 and entry.get("answer") is not None and math_equivalent(answer, entry["answer"]):
+        score = 1.0
     return (1.0 if score >= 1.0 else 0.0) if binary else score
