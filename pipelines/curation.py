@@ -37,7 +37,6 @@ from pydantic import Field, field_validator, model_validator
 
 from selftaught.config import EngineConfig, SamplingConfig, Strict
 from selftaught.data.reasoning import answers_match, extract_answer, format_reasoning_prompt, score_answer
-from selftaught.text import normalize_answer  # noqa: F401 - the one answer rule, re-exported
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from selftaught.config import EngineConfig, RayConfig, SamplingConfig, Strict, save
-from selftaught.data.prepare import DataConfig, prepare
+from selftaught.data.prepare import DataConfig, corpus_splits, prepare
 from selftaught.storage import RunDir, Stage, file_fingerprint, read_parquet, write_parquet
 from pipelines.stages import (ModelConfig, TokenizerConfig, init_model_stage, load_token_docs,
                               tokenizer_stage, tokens_stage, train_stage)
@@ -109,7 +109,7 @@ def run(cfg: QuickstartConfig) -> dict:
     save(cfg, run_dir.root / "config.yaml")
     data_dir = run_dir.root / "data"
     prepare(cfg.data, data_dir)
-    paths = {"train": data_dir / "wiki" / "train.parquet", "eval": data_dir / "wiki" / "eval.parquet"}
+    paths = corpus_splits(cfg.data, data_dir)  # the user's corpus when data.corpus is set, else the bundled wiki
     init_ray(cfg.ray, run_dir.root)
     stages: dict[str, Stage] = {}
     stages["tokenizer"] = tokenizer_stage(run_dir, cfg.tokenizer, paths["train"])

@@ -1,11 +1,13 @@
 """Synthetic Bootstrapped Pretraining (SBP), end to end and compute-matched.
 
-corpus (Ray Data: read, clean) -> tokenizer -> tokens (drop documents longer than half the
-synthesizer context) -> repetition arm (= the baseline checkpoint) -> pairing (embeddings on an
-actor pool, FAISS top-k, similarity threshold, 13-token shingle near-copy rule) ->
-synthesizer-tuning (loss on d2 only, from the baseline) -> synthesis (seeds uniform over D,
+corpus (the bundled wiki or ``data.corpus``; Ray Data: read, clean) -> tokenizer -> tokens
+(drop documents longer than half the synthesizer context) -> repetition arm (= the baseline
+checkpoint) -> pairing (embeddings on an actor pool, FAISS top-k, similarity threshold,
+13-token shingle near-copy rule) -> synthesizer-tuning (loss on d2 only, from the baseline) ->
+synthesis (as many documents as the SBP arm's share of the budget needs; seeds uniform over D,
 engine actors through Ray Data, degenerate outputs dropped, provenance kept) -> SBP and oracle
-arms at the same token budget and hyper-parameters -> data-quality figures -> report.
+arms at the same token budget and hyper-parameters (optionally the random-pairs control arm,
+thesis B.1.3) -> data-quality figures -> report.
 
 Every stage is resumable: a killed run re-run finishes with the same result; synthesis writes
 numbered parts, so no synthetic document is generated twice.
@@ -14,19 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import zlib
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from pipelines.stages import (ModelConfig, TokenizerConfig, init_model_stage, load_token_docs, model_dir,
                               tokenizer_stage, tokens_stage, train_stage)
 from selftaught.ann import AnnConfig
 from selftaught.config import EngineConfig, RayConfig, SamplingConfig, Strict, save
-from selftaught.data.prepare import DataConfig, prepare
+from selftaught.data.prepare import DataConfig, corpus_splits, prepare
 from selftaught.storage import RunDir, Stage, file_fingerprint, read_parquet, write_parquet
 from trainers.config import TrainConfig
 
@@ -52,7 +57,11 @@ class PairingConfig(Strict):
 
 
 class SynthesisConfig(Strict):
-    num_docs: int = Field(default=1000, ge=1)
+    # None: as many documents as the SBP arm's synthetic share of the token budget needs (see
+    # synthetic_target); a number: exactly that many requests, whatever share they reach.
+    num_docs: int | None = Field(default=None, ge=1)
+    margin: float = Field(default=0.1, ge=0)  # extra requests over the estimate (short or filtered outputs)
+    max_rounds: int = Field(default=4, ge=1)  # top-ups from the measured kept tokens per request
     part_size: int = Field(default=256, ge=1)
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=160)
     engine: EngineConfig = EngineConfig(backend="transformers", max_batch_size=64)
@@ -63,7 +72,8 @@ class SynthesisConfig(Strict):
 class JointConfig(Strict):
     train: TrainConfig = TrainConfig()
     synthetic_share: float = Field(default=0.25, gt=0, lt=1)  # share of SBP batches drawn from synthetic data
-    arms: list[Literal["repetition", "sbp", "oracle"]] = ["repetition", "sbp", "oracle"]
+    # "random_pairs": the control of thesis B.1.3, SBP with a synthesizer tuned on random pairs
+    arms: list[Literal["repetition", "sbp", "oracle", "random_pairs"]] = ["repetition", "sbp", "oracle"]
 
 
 class SBPConfig(Strict):
@@ -104,19 +114,20 @@ def _clean_batch(batch: dict) -> dict:
         "text": [t for t, ok in zip(texts, keep) if ok]}
 
 
-def corpus_stage(run: RunDir, cfg: SBPConfig, wiki: Path) -> Stage:
-    """Clean the corpus with Ray Data and order it by a seeded hash of the id: the first
-    ``unique_docs`` (after the length filter) are D, the rest the oracle pool."""
+def corpus_stage(run: RunDir, cfg: SBPConfig, paths: dict[str, Path]) -> Stage:
+    """Clean the corpus (``paths``: train and eval document Parquet, files or directories of
+    parts, from :func:`corpus_splits`) with Ray Data and order it by a seeded hash of the id:
+    the first ``unique_docs`` (after the length filter) are D, the rest the oracle pool."""
     import ray.data
 
-    inputs = {"train": file_fingerprint(wiki / "train.parquet"), "eval": file_fingerprint(wiki / "eval.parquet")}
+    inputs = {split: file_fingerprint(paths[split]) for split in ("train", "eval")}
     st = run.stage("corpus", cfg.corpus, inputs=inputs)
     if st.up_to_date():
         return st
     st.begin(keep_partial=False)
     counts = {}
     for split in ("train", "eval"):
-        ds = ray.data.read_parquet(str(wiki / f"{split}.parquet"), override_num_blocks=cfg.corpus.num_blocks)
+        ds = ray.data.read_parquet(str(paths[split]), override_num_blocks=cfg.corpus.num_blocks)
         rows = ds.map_batches(_clean_batch, batch_format="numpy").take_all()
         rows.sort(key=lambda r: (zlib.crc32(f"{cfg.corpus.seed}:{r['id']}".encode()), r["id"]))
         if split == "eval" and cfg.corpus.eval_docs:
@@ -150,7 +161,7 @@ def pairing_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, tokens: Stage) -> 
     import ray.data
 
     from actors.embedder import embed_dataset
-    from selftaught.ann import knn
+    from selftaught.ann import knn, pairs_above
     from selftaught.text import shares_shingle
 
     st = run.stage("pairing", cfg.pairing, deps=[corpus, tokens], inputs={"unique_docs": cfg.corpus.unique_docs})
@@ -166,23 +177,46 @@ def pairing_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, tokens: Stage) -> 
     write_parquet(pa.table({"id": d_ids, "embedding": pa.array(list(vecs), pa.list_(pa.float32()))}),
                   st.path / "embeddings.parquet")
     scores, nbrs = knn(vecs, cfg.pairing.top_k + 1, cfg.pairing.index)
-    pairs, stats = [], {"candidates": 0, "above_threshold": 0, "near_copies": 0}
-    for i in range(len(d_ids)):
-        for s, j in zip(scores[i], nbrs[i]):
-            if j < 0 or j == i:
-                continue
-            stats["candidates"] += 1
-            if s <= cfg.pairing.threshold:
-                continue
-            stats["above_threshold"] += 1
-            if shares_shingle(texts[i], texts[j], cfg.pairing.shingle_n):
-                stats["near_copies"] += 1
-                continue
-            pairs.append({"d1_id": d_ids[i], "d2_id": d_ids[j], "score": float(s)})
+    rows = np.arange(len(d_ids))
+    seeds, partners, sims = pairs_above(rows, scores, nbrs, cfg.pairing.threshold)  # vectorised
+    stats = {"candidates": int(((nbrs >= 0) & (nbrs != rows[:, None])).sum()), "above_threshold": len(seeds),
+             "near_copies": 0}
+    pairs = []
+    for i, j, s in zip(seeds.tolist(), partners.tolist(), sims.tolist()):  # text check only above the threshold
+        if shares_shingle(texts[i], texts[j], cfg.pairing.shingle_n):
+            stats["near_copies"] += 1
+            continue
+        pairs.append({"d1_id": d_ids[i], "d2_id": d_ids[j], "score": float(s)})
     write_parquet(pa.Table.from_pylist(pairs, schema=pa.schema([("d1_id", pa.string()), ("d2_id", pa.string()),
                                                                  ("score", pa.float32())])),
                   st.path / "pairs.parquet")
-    st.finish(pairs=len(pairs), documents=len(d_ids), seeds_with_pairs=len({p["d1_id"] for p in pairs}), **stats)
+    st.finish(pairs=len(pairs), documents=len(d_ids), seeds_with_pairs=len({p["d1_id"] for p in pairs}),
+              mean_similarity=float(np.mean([p["score"] for p in pairs])) if pairs else None, **stats)
+    return st
+
+
+def random_pairs_stage(run: RunDir, cfg: SBPConfig, pairing: Stage) -> Stage:
+    """The control of thesis B.1.3: the same seeds d1 and as many pairs as nearest-neighbour
+    pairing kept, each d2 drawn uniformly from D (never d1 itself), so a synthesizer tuned on
+    them sees as much data but no relation. ``score`` is the pair's cosine similarity."""
+    st = run.stage("pairing_random", {"seed": cfg.corpus.seed}, deps=[pairing])
+    if st.up_to_date():
+        return st
+    st.begin(keep_partial=False)
+    emb = read_parquet(pairing.path / "embeddings.parquet")
+    ids = emb["id"].to_pylist()
+    vec = np.stack([np.asarray(v, np.float32) for v in emb["embedding"].to_pylist()])
+    pos = {d: i for i, d in enumerate(ids)}
+    d1 = read_parquet(pairing.path / "pairs.parquet", columns=["d1_id"])["d1_id"].to_pylist()
+    a = np.array([pos[d] for d in d1], dtype=np.int64)
+    b = np.random.default_rng([cfg.corpus.seed, 1]).integers(0, len(ids) - 1, len(a))
+    b = b + (b >= a)  # skip d1 itself
+    score = np.sum(vec[a] * vec[b], axis=1) if len(a) else np.zeros(0, np.float32)
+    write_parquet(pa.table({"d1_id": pa.array([ids[i] for i in a], pa.string()),
+                            "d2_id": pa.array([ids[i] for i in b], pa.string()),
+                            "score": pa.array(score, pa.float32())}), st.path / "pairs.parquet")
+    st.finish(pairs=len(a), mean_similarity=float(score.mean()) if len(a) else None,
+              nearest_neighbour_similarity=pairing.outputs.get("mean_similarity"))
     return st
 
 
@@ -204,71 +238,174 @@ def synth_tune_sources(cfg: SBPConfig, corpus: Stage, pairing: Stage, tok_dir: P
 
 
 # ------------------------------------------------------------------------------------ synthesis
-SYNTH_SCHEMA = pa.schema([("id", pa.string()), ("seed_id", pa.string()), ("text", pa.string()),
-                          ("completion_tokens", pa.int32()), ("finish_reason", pa.string()),
+SYNTH_SCHEMA = pa.schema([("k", pa.int64()), ("id", pa.string()), ("seed_id", pa.string()), ("text", pa.string()),
+                          ("tokens", pa.int32()), ("completion_tokens", pa.int32()), ("finish_reason", pa.string()),
                           ("kept", pa.bool_()), ("drop_reason", pa.string()), ("sampling", pa.string()),
                           ("synthesizer", pa.string())])
 
 
-def synthesis_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, tokens: Stage, synth: Stage) -> Stage:
-    """Seeds uniform over D; one numbered Parquet part per ``part_size`` seeds, so a killed run
-    resumes at the first missing part and never regenerates (or duplicates) a document."""
-    import ray.data
+def synthetic_target(cfg: SBPConfig) -> int:
+    """Synthetic tokens the SBP arm will draw: each of its micro-batches comes from the
+    synthetic source with probability ``synthetic_share`` and takes ``micro_batch_size`` windows
+    of ``seq_len + 1`` tokens. The draw is random, so each rank plans its expected count plus
+    three standard deviations; fewer tokens would exhaust the source and lower the share."""
+    t, p = cfg.joint.train, cfg.joint.synthetic_share
+    per_rank = t.total_steps() * t.grad_accum
+    batches = math.ceil(per_rank * p + 3 * math.sqrt(per_rank * p * (1 - p)))
+    return batches * t.num_workers * t.micro_batch_size * (t.seq_len + 1)
 
-    from actors.generator import generate_dataset
-    from selftaught.models import load_tokenizer
-    from selftaught.text import has_repeated_shingle
 
-    st = run.stage("synthesis", cfg.synthesis, deps=[synth, tokens])
-    if st.up_to_date():
+# Dense bf16 peak of one H100 / H200 and a utilisation a tuned run reaches: GPU-hours in a plan
+# are estimates from these, stated in the plan, not measurements.
+PLAN_PEAK_FLOPS, PLAN_MFU = 989e12, 0.40
+
+
+def plan(cfg: SBPConfig) -> dict:
+    """What a run of ``cfg`` needs, before it runs: documents, tokens per phase and estimated
+    GPU-hours (6 N T for training, 2 N T for generation, at ``PLAN_MFU`` of one H100), so a
+    thesis-scale config can be sized and budgeted."""
+    from selftaught.models import MODEL_SIZES
+
+    shape = MODEL_SIZES.get(cfg.model.size)
+    params = shape.num_params(cfg.tokenizer.vocab_size) if shape else None
+    train_tokens = cfg.joint.train.token_budget * len(cfg.joint.arms)
+    tune_tokens = cfg.synth_tune.token_budget * (2 if "random_pairs" in cfg.joint.arms else 1)
+    synthetic = synthetic_target(cfg) * (2 if "random_pairs" in cfg.joint.arms else 1)
+    out = {"documents_D": cfg.corpus.unique_docs, "arms": list(cfg.joint.arms),
+           "token_budget_per_arm": cfg.joint.train.token_budget, "training_tokens_all_arms": train_tokens,
+           "synthesizer_tuning_tokens": tune_tokens, "synthetic_tokens_needed": synthetic,
+           "synthetic_share": cfg.joint.synthetic_share, "model_size": cfg.model.size, "parameters": params}
+    if params:
+        flops = 6 * params * (train_tokens + tune_tokens) + 2 * params * synthetic * (1 + cfg.synthesis.margin)
+        out["estimated_h100_hours"] = round(flops / (PLAN_PEAK_FLOPS * PLAN_MFU) / 3600, 2)
+        out["estimate_assumes"] = f"{PLAN_MFU:.0%} MFU of {PLAN_PEAK_FLOPS / 1e12:.0f} TFLOP/s (bf16 dense)"
+    return out
+
+
+def plan_requests(target: int, have: int, tokens_per_request: float, margin: float, part_size: int) -> int:
+    """Further synthesis requests for kept tokens to reach ``target``: the shortfall over the
+    kept tokens one request yields (measured, or estimated before any), plus ``margin``,
+    rounded up to whole parts (parts are the unit of resumption)."""
+    if have >= target:
+        return 0
+    n = math.ceil((target - have) / max(tokens_per_request, 1e-9) * (1 + margin))
+    return math.ceil(n / part_size) * part_size
+
+
+def synthesis_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, tokens: Stage, synth: Stage,
+                    name: str = "synthesis") -> Stage:
+    """Seeds uniform over D (drawn per part); one numbered Parquet part per ``part_size`` seeds,
+    so a killed run resumes at the first missing part and never regenerates (or duplicates) a
+    document. Without ``num_docs`` the request count follows the budget: a first round from the
+    documents' mean length, then top-ups from the measured kept tokens per request, until the
+    kept tokens cover :func:`synthetic_target`. The plan is not in the stage hash, so a larger
+    share or budget tops up the existing parts instead of regenerating them."""
+    s = cfg.synthesis
+    st = run.stage(name, {**s.model_dump(exclude={"num_docs", "margin", "max_rounds"}), "seeding": "per-part"},
+                   deps=[synth, tokens])
+    target = synthetic_target(cfg) if s.num_docs is None else None
+    plan = {"target_tokens": target, "num_docs": s.num_docs, "margin": s.margin, "max_rounds": s.max_rounds}
+    if st.complete and st.outputs.get("plan") == plan:
+        log.info("stage %s: up to date, skipped", name)
         return st
     st.begin(keep_partial=True)
     d_ids, _ = split_ids(tokens, cfg)
     docs = dict(zip(d_ids, load_token_docs(tokens.path / "candidates.parquet", d_ids)))
-    syn_dir = model_dir(synth)
-    tok = load_tokenizer(syn_dir)
-    sep = tok("\n\n", add_special_tokens=False)["input_ids"]
-    half = cfg.synth_context // 2
-    rng = np.random.default_rng(cfg.synthesis.seed)
-    seeds = [d_ids[i] for i in rng.integers(0, len(d_ids), cfg.synthesis.num_docs)]
     parts = st.parts()
-    s = cfg.synthesis
-    engine = s.engine.model_copy(update={"model": str(syn_dir)})
-    provenance = str(syn_dir)
-    for p, start in enumerate(range(0, len(seeds), s.part_size)):
-        if parts.done(p):
-            continue
-        rows = []
-        for k, sid in enumerate(seeds[start:start + s.part_size], start=start):
-            d1 = docs[sid][:-1][-half:].tolist()  # without its EOS; the end nearest to d2, as in tuning
-            over = {"seed": (s.sampling.seed or 0) * 1_000_003 + s.seed * 7919 + k}
-            rows.append({"k": k, "seed_id": sid, "prompt": d1 + sep, "sampling": json.dumps(over)})
-        max_new = min(s.sampling.max_new_tokens, cfg.synth_context - max(len(r["prompt"]) for r in rows))
-        sampling = s.sampling.model_copy(update={"max_new_tokens": max(8, max_new)})
-        out = generate_dataset(ray.data.from_items(rows), engine, sampling, sampling_column="sampling").take_all()
-        out.sort(key=lambda r: r["k"])
-        table = []
-        for r in out:
-            text = r["generated_text"].strip()
-            reason = ("empty" if not text else
-                      "repeated_shingle" if has_repeated_shingle(text, s.shingle_n) else "")
-            table.append({"id": f"synthetic/{r['k']}", "seed_id": r["seed_id"], "text": text,
-                          "completion_tokens": int(r["completion_tokens"]), "finish_reason": r["finish_reason"],
-                          "kept": not reason, "drop_reason": reason,
-                          "sampling": json.dumps({**sampling.model_dump(), **json.loads(r["sampling"])}),
-                          "synthesizer": provenance})
-        parts.write(p, pa.Table.from_pylist(table, schema=SYNTH_SCHEMA))
-        log.info("synthesis part %d: %d documents, %d kept", p, len(table), sum(t["kept"] for t in table))
-    all_rows = parts.read()
+    gen = _Generator(cfg, docs, d_ids, model_dir(synth), parts)
+    if s.num_docs is not None:
+        requests, rounds = gen.upto(s.num_docs), 1
+    else:
+        est = float(np.mean([min(len(x), s.sampling.max_new_tokens + 1) for x in docs.values()]))
+        requests, rounds, have = 0, 0, 0
+        while rounds < s.max_rounds:
+            more = plan_requests(target, have, have / requests if requests else est, s.margin, s.part_size)
+            if not more:
+                break
+            requests, rounds = gen.upto(requests + more), rounds + 1
+            have = _kept_tokens(_requested(parts, requests, ["k", "kept", "tokens"]))
+            if not have:
+                raise ValueError(f"{name}: no output of {requests} requests survived the filters; see "
+                                 f"{parts.dir} (drop_reason) and the synthesizer")
+        if have < target:
+            log.warning("%s: %d kept tokens after %d rounds, short of the %d the share needs: the SBP arm "
+                        "will run at a lower share (raise synthesis.max_rounds or margin)", name, have, rounds, target)
+    all_rows = _requested(parts, requests)
     kept = all_rows.filter(all_rows["kept"])
-    write_parquet(kept, st.path / "synthetic.parquet")
+    write_parquet(kept.drop_columns(["k"]), st.path / "synthetic.parquet")
     drops = {}
     for reason in all_rows["drop_reason"].to_pylist():
         if reason:
             drops[reason] = drops.get(reason, 0) + 1
-    st.finish(generated=all_rows.num_rows, kept=kept.num_rows, dropped=drops,
-              completion_tokens=int(sum(all_rows["completion_tokens"].to_pylist())))
+    st.finish(generated=all_rows.num_rows, kept=kept.num_rows, dropped=drops, rounds=rounds, plan=plan,
+              kept_tokens=_kept_tokens(all_rows),
+              completion_tokens=int(pc.sum(all_rows["completion_tokens"]).as_py() or 0))
     return st
+
+
+def _requested(parts, n: int, columns: list[str] | None = None) -> pa.Table:
+    """The first ``n`` requests' rows (parts may hold more, left by an earlier, larger plan)."""
+    rows = parts.read(columns)
+    return rows.filter(pc.less(rows["k"], n))
+
+
+def _kept_tokens(rows: pa.Table) -> int:
+    return int(pc.sum(rows.filter(rows["kept"])["tokens"]).as_py() or 0)
+
+
+class _Generator:
+    """Writes synthesis parts ``[0, n)``: part ``p`` holds requests ``p * part_size ...``, its
+    seeds drawn from ``rng([seed, p])`` and each request's sampling seed from its index, so a
+    part's content does not depend on how many parts a plan asks for."""
+
+    def __init__(self, cfg: SBPConfig, docs: dict[str, np.ndarray], d_ids: list[str], syn_dir: Path, parts):
+        from selftaught.models import load_tokenizer
+
+        self.cfg, self.docs, self.d_ids, self.parts = cfg, docs, d_ids, parts
+        self.tok = load_tokenizer(syn_dir)
+        self.sep = self.tok("\n\n", add_special_tokens=False)["input_ids"]
+        self.engine = cfg.synthesis.engine.model_copy(update={"model": str(syn_dir)})
+        self.provenance = str(syn_dir)
+
+    def upto(self, n: int) -> int:
+        ps = self.cfg.synthesis.part_size
+        for p in range(math.ceil(n / ps)):
+            count = min(ps, n - p * ps)
+            done = self.parts.done(p) and pq.read_metadata(self.parts.path(p)).num_rows >= count
+            if not done:
+                self.parts.write(p, self._part(p, count))
+        return n
+
+    def _part(self, p: int, count: int) -> pa.Table:
+        import ray.data
+
+        from actors.generator import generate_dataset
+        from selftaught.text import has_repeated_shingle
+
+        s, half = self.cfg.synthesis, self.cfg.synth_context // 2
+        picks = np.random.default_rng([s.seed, p]).integers(0, len(self.d_ids), s.part_size)[:count]
+        rows = []
+        for k, i in enumerate(picks, start=p * s.part_size):
+            d1 = self.docs[self.d_ids[i]][:-1][-half:].tolist()  # without its EOS; the end nearest to d2, as in tuning
+            over = {"seed": (s.sampling.seed or 0) * 1_000_003 + s.seed * 7919 + k}
+            rows.append({"k": k, "seed_id": self.d_ids[i], "prompt": d1 + self.sep, "sampling": json.dumps(over)})
+        max_new = min(s.sampling.max_new_tokens, self.cfg.synth_context - max(len(r["prompt"]) for r in rows))
+        sampling = s.sampling.model_copy(update={"max_new_tokens": max(8, max_new)})
+        out = generate_dataset(ray.data.from_items(rows), self.engine, sampling, sampling_column="sampling").take_all()
+        out.sort(key=lambda r: r["k"])
+        texts = [r["generated_text"].strip() for r in out]
+        lengths = [len(x) + 1 for x in self.tok(texts, add_special_tokens=False)["input_ids"]]  # + EOS, as trained
+        table = []
+        for r, text, n_tok in zip(out, texts, lengths):
+            reason = ("empty" if not text else
+                      "repeated_shingle" if has_repeated_shingle(text, s.shingle_n) else "")
+            table.append({"k": int(r["k"]), "id": f"synthetic/{r['k']}", "seed_id": r["seed_id"], "text": text,
+                          "tokens": n_tok if text else 0, "completion_tokens": int(r["completion_tokens"]),
+                          "finish_reason": r["finish_reason"], "kept": not reason, "drop_reason": reason,
+                          "sampling": json.dumps({**sampling.model_dump(), **json.loads(r["sampling"])}),
+                          "synthesizer": self.provenance})
+        log.info("synthesis part %d: %d documents, %d kept", p, len(table), sum(t["kept"] for t in table))
+        return pa.Table.from_pylist(table, schema=SYNTH_SCHEMA)
 
 
 def synthetic_docs(synthesis: Stage, tok_dir: Path) -> list[np.ndarray]:
@@ -280,12 +417,15 @@ def synthetic_docs(synthesis: Stage, tok_dir: Path) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------ quality
-def quality_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, pairing: Stage, synthesis: Stage) -> Stage:
+def quality_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, pairing: Stage, synthesis: Stage,
+                  name: str = "quality") -> Stage:
     """The synthetic set's quality figures (lower is better for the first three)."""
     from actors.embedder import embed_texts
-    from selftaught.text import duplicate_rate, repetition_rate, shares_shingle
+    from selftaught.text import quality_figures
 
-    st = run.stage("quality", {"sample": cfg.quality_sample}, deps=[synthesis, pairing])
+    shingles = {"shingle_n": cfg.synthesis.shingle_n, "pair_shingle_n": cfg.pairing.shingle_n}
+    st = run.stage(name, {"sample": cfg.quality_sample, **shingles}, deps=[synthesis, pairing],
+                   inputs={"plan": synthesis.outputs.get("plan")})  # a top-up changes the set, not the hash
     if st.up_to_date():
         return st
     st.begin(keep_partial=False)
@@ -302,10 +442,7 @@ def quality_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, pairing: Stage, sy
     a, b = rng.integers(0, len(vec), 2000), rng.integers(0, len(vec), 2000)
     figures = {
         "synthetic_documents": len(syn),
-        "repetition_rate": repetition_rate([r["text"] for r in syn]),
-        "duplicate_rate_jaccard_0.6": duplicate_rate([r["text"] for r in syn], threshold=0.6),
-        "pair_copying_rate": float(np.mean([shares_shingle(s, r["text"], 13) for s, r in zip(seeds, sample)]))
-        if sample else None,
+        **quality_figures([r["text"] for r in syn], seeds, [r["text"] for r in sample], **shingles),
         "seed_to_output_similarity": float(np.mean(np.sum(out_vec * seed_vec, axis=1))) if sample else None,
         "real_pair_similarity": float(np.mean(pairs)) if pairs else None,
         "random_pair_similarity": float(np.mean(np.sum(vec[a] * vec[b], axis=1))),
@@ -342,12 +479,15 @@ def write_report(run: RunDir, cfg: SBPConfig, st: dict[str, Stage], pool_tokens:
 
     base = final["repetition"]["final_eval_loss"]
     oracle = final.get("oracle", {}).get("final_eval_loss")
+    achieved = achieved_shares(final)
     lines = ["# SBP report", "",
              f"Token budget per arm: {cfg.joint.train.token_budget:,} (same hyper-parameters for every arm). "
              f"|D| = {st['pairing'].outputs.get('documents')} documents; synthetic share of SBP batches: "
              f"{cfg.joint.synthetic_share}." + (f" Oracle pool: {pool_tokens:,} unique tokens"
                                                  f"{' (fewer than the budget: the oracle repeats data)' if pool_tokens < cfg.joint.train.token_budget else ''}."
                                                  if pool_tokens is not None else ""), "",
+             f"Synthetic share: configured {cfg.joint.synthetic_share:.1%}, achieved "
+             + (", ".join(f"{v:.1%} ({a})" for a, v in achieved.items()) or "n/a") + ".", "",
              "| arm | tokens seen | real tokens | synthetic tokens | held-out loss | perplexity | gain vs repetition | share of oracle gain |",
              "|---|---|---|---|---|---|---|---|"]
     for a, out in final.items():
@@ -366,24 +506,48 @@ def write_report(run: RunDir, cfg: SBPConfig, st: dict[str, Stage], pool_tokens:
     q = st["quality"].outputs
     pr = st["pairing"].outputs
     sy = st["synthesis"].outputs
+    syr = st["synthesis_random"].outputs if "synthesis_random" in st else None
+    qr = st["quality_random"].outputs if "quality_random" in st else {}
+    rp = st["pairing_random"].outputs if "pairing_random" in st else None
+    nn_sim = pr.get("mean_similarity") or float("nan")
+    rp_line = [f"Random pairs (control, thesis B.1.3): {rp['pairs']:,}, mean similarity {rp['mean_similarity']:.3f} "
+               f"against {nn_sim:.3f} for the nearest-neighbour pairs."] if rp else []
     lines += ["", "![held-out loss](curves.png)", "", "## Pairing", "",
               f"{pr['documents']} documents, {pr['candidates']:,} neighbour candidates, {pr['above_threshold']:,} above "
               f"the {cfg.pairing.threshold} threshold, {pr['near_copies']} near-copies dropped (13-token shingle rule), "
               f"{pr['pairs']:,} pairs over {pr['seeds_with_pairs']} seed documents.", "",
               "## Synthetic data", "",
-              f"{sy['generated']:,} generated, {sy['kept']:,} kept, dropped: {sy['dropped'] or 'none'}.", "",
-              "| measure | value |", "|---|---|"]
+              _synthesis_line(sy), *([_synthesis_line(syr, "Random-pairs synthesizer: ")] if syr else []), *rp_line, "",
+              "| measure | value |" + (" random pairs |" if qr else ""), "|---|---|" + ("---|" if qr else "")]
+    fmt = lambda v: v if not isinstance(v, float) else f"{v:.3f}"  # noqa: E731
     for k, v in q.items():
-        lines.append(f"| {k} | {v if not isinstance(v, float) else f'{v:.3f}'} |")
+        lines.append(f"| {k} | {fmt(v)} |" + (f" {fmt(qr.get(k))} |" if qr else ""))
     samples = json.loads((st["quality"].path / "samples.json").read_text())
     lines += ["", "## Sample pairs (seed -> synthetic)", ""]
     for s in samples[:3]:
         lines += [f"- **seed:** {s['seed'][:240]}", f"  **synthetic:** {s['synthetic'][:240]}"]
     path = run.root / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    (run.root / "results.json").write_text(json.dumps({"arms": final, "quality": q, "pairing": pr,
-                                                       "synthesis": sy}, indent=2, default=str))
+    extra = {k: st[k].outputs for k in ("pairing_random", "synthesis_random", "quality_random") if k in st}
+    (run.root / "results.json").write_text(json.dumps(
+        {"arms": final, "share": {"configured": cfg.joint.synthetic_share, "achieved": achieved},
+         "quality": q, "pairing": pr, "synthesis": sy, **extra}, indent=2, default=str))
     return path
+
+
+def achieved_shares(final: dict[str, dict]) -> dict[str, float]:
+    """Synthetic tokens over tokens seen, per arm that drew synthetic data: what the arm ran
+    at, which falls short of the configured share when the synthetic source runs out."""
+    return {a: out["sources"]["synthetic"]["tokens"] / out["tokens_seen"]
+            for a, out in final.items() if "synthetic" in out.get("sources", {}) and out.get("tokens_seen")}
+
+
+def _synthesis_line(sy: dict, prefix: str = "") -> str:
+    plan = sy.get("plan") or {}
+    budget = (f" Planned from the budget: {plan['target_tokens']:,} synthetic tokens needed, {sy['kept_tokens']:,} "
+              f"kept after {sy['rounds']} round(s)." if plan.get("target_tokens") else "")
+    return (f"{prefix}{sy['generated']:,} generated, {sy['kept']:,} kept, dropped: {sy['dropped'] or 'none'}."
+            + budget)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -393,10 +557,10 @@ def run(cfg: SBPConfig) -> dict:
 
     run_dir = RunDir(cfg.run_dir)
     save(cfg, run_dir.root / "config.yaml")
-    prepare(cfg.data, run_dir.root / "data")
+    prepare(cfg.data.model_copy(update={"datasets": ["wiki"]}), run_dir.root / "data")  # only what SBP reads
     init_ray(cfg.ray, run_dir.root)
     st: dict[str, Stage] = {}
-    st["corpus"] = corpus_stage(run_dir, cfg, run_dir.root / "data" / "wiki")
+    st["corpus"] = corpus_stage(run_dir, cfg, corpus_splits(cfg.data, run_dir.root / "data"))
     tok_cfg = cfg.tokenizer if cfg.tokenizer.max_docs else cfg.tokenizer.model_copy(
         update={"max_docs": cfg.corpus.unique_docs})
     st["tokenizer"] = tokenizer_stage(run_dir, tok_cfg, st["corpus"].path / "candidates.parquet")
@@ -421,13 +585,29 @@ def run(cfg: SBPConfig) -> dict:
     st["synthesis"] = synthesis_stage(run_dir, cfg, st["corpus"], tokens, st["synthesizer"])
     st["quality"] = quality_stage(run_dir, cfg, st["corpus"], st["pairing"], st["synthesis"])
     share = cfg.joint.synthetic_share
-    if "sbp" in cfg.joint.arms:
-        st["arm_sbp"] = train_stage(
-            run_dir, "arm_sbp", train, st["init_model"],
+
+    def sbp_arm(arm: str, synthesis: Stage) -> Stage:
+        return train_stage(
+            run_dir, f"arm_{arm}", train, st["init_model"],
             lambda: [TokenSource("real", load_token_docs(cand, d_ids), weight=1 - share),
-                     TokenSource("synthetic", synthetic_docs(st["synthesis"], model_dir(st["init_model"])),
+                     TokenSource("synthetic", synthetic_docs(synthesis, model_dir(st["init_model"])),
                                  weight=share, repeat=False)],
-            eval_docs, deps=(tokens, st["synthesis"]), extra={"share": share, "unique_docs": cfg.corpus.unique_docs})
+            eval_docs, deps=(tokens, synthesis), extra={"share": share, "unique_docs": cfg.corpus.unique_docs,
+                                                        "synthesis": synthesis.outputs.get("plan")})
+
+    if "sbp" in cfg.joint.arms:
+        st["arm_sbp"] = sbp_arm("sbp", st["synthesis"])
+    if "random_pairs" in cfg.joint.arms:
+        st["pairing_random"] = random_pairs_stage(run_dir, cfg, st["pairing"])
+        st["synthesizer_random"] = train_stage(
+            run_dir, "synthesizer_random", cfg.synth_tune, st["arm_repetition"],
+            lambda: synth_tune_sources(cfg, st["corpus"], st["pairing_random"], model_dir(st["arm_repetition"])),
+            None, deps=(st["pairing_random"],))
+        st["synthesis_random"] = synthesis_stage(run_dir, cfg, st["corpus"], tokens, st["synthesizer_random"],
+                                                 name="synthesis_random")
+        st["quality_random"] = quality_stage(run_dir, cfg, st["corpus"], st["pairing"], st["synthesis_random"],
+                                             name="quality_random")
+        st["arm_random_pairs"] = sbp_arm("random_pairs", st["synthesis_random"])
     if "oracle" in cfg.joint.arms:
         pool_tokens = sum(len(x) for x in load_token_docs(cand, pool_ids))
         if pool_tokens < train.token_budget:

@@ -68,6 +68,10 @@ def cmd_config_show(args) -> int:
 
     cfg, _ = _pipeline_config(args.config, args.overrides)
     sys.stdout.write(to_yaml(cfg))
+    if getattr(cfg, "pipeline", None) == "sbp":  # what the run would need, before it runs
+        from pipelines.sbp import plan
+
+        sys.stdout.write("# plan:\n" + "".join(f"#   {k}: {v}\n" for k, v in plan(cfg).items()))
     return 0
 
 

@@ -10,8 +10,9 @@ from pydantic import ValidationError
 
 from pipelines.curation import (ColumnSolver, CurationConfig, DifficultyConfig, DiversityConfig, EngineSolver,
                                 LLMSolver, QualityConfig, Solver, assign_domains, curate, difficulty_filter,
-                                gather_samples, is_correct, load_pool, normalize_answer, quality_filter, select,
+                                gather_samples, is_correct, load_pool, quality_filter, select,
                                 write_curation)
+from selftaught.text import normalize_answer
 
 TRACE = "Let us think about this carefully, step by step. "
 

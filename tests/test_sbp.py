@@ -1,10 +1,11 @@
-"""SBP end to end at toy scale, stage by stage, and resumption after a kill."""
+"""SBP end to end at toy scale, stage by stage, and resumption after a kill. Synthesis is
+budget-driven and the random-pairs control arm (thesis B.1.3) runs too."""
 import json
 
 import numpy as np
 import pytest
 
-from pipelines.sbp import SBPConfig, run, split_ids
+from pipelines.sbp import SBPConfig, plan_requests, run, split_ids, synthesis_stage, synthetic_target
 from selftaught.config import resolve
 from selftaught.storage import read_parquet
 
@@ -12,11 +13,11 @@ TOY = ["corpus.unique_docs=150", "corpus.eval_docs=40", "corpus.oracle_docs=400"
        "tokenizer.vocab_size=512", "pairing.top_k=10", "pairing.threshold=0.5", "pairing.num_actors=1",
        "synth_tune.token_budget=8192", "synth_tune.seq_len=256", "synth_tune.micro_batch_size=4",
        "synth_tune.cpus_per_worker=1", "synth_tune.progress=false",
-       "synthesis.num_docs=48", "synthesis.part_size=16", "synthesis.sampling.max_new_tokens=40",
+       "synthesis.part_size=64", "synthesis.sampling.max_new_tokens=40",
        "synthesis.engine.cpus_per_actor=1", "joint.train.token_budget=24576", "joint.train.seq_len=64",
        "joint.train.micro_batch_size=8", "joint.train.eval_every=8", "joint.train.log_every=4",
        "joint.train.eval_tokens=2048", "joint.train.cpus_per_worker=1", "joint.train.progress=false",
-       "quality_sample=12"]
+       "quality_sample=12", "joint.arms=[repetition,sbp,oracle,random_pairs]"]
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,12 @@ def test_arms_are_compute_matched_and_reported(sbp_run):
     cfg, d, out = sbp_run
     results = json.loads((d / "results.json").read_text())
     arms = results["arms"]
-    assert set(arms) == {"repetition", "sbp", "oracle"}
+    assert set(arms) == {"repetition", "sbp", "oracle", "random_pairs"}
     assert {a["tokens_seen"] for a in arms.values()} == {cfg.joint.train.token_budget}
     syn = arms["sbp"]["sources"]["synthetic"]["tokens"]
     assert 0 < syn < cfg.joint.train.token_budget
     assert "| repetition |" in (d / "report.md").read_text() and (d / "curves.png").stat().st_size > 1000
-    assert all(isinstance(out[a], float) for a in ("repetition", "sbp", "oracle"))
+    assert all(isinstance(out[a], float) for a in ("repetition", "sbp", "oracle", "random_pairs"))
     assert all(a["final_eval_loss"] < a["initial_eval_loss"] for a in arms.values())
 
 
@@ -61,10 +62,67 @@ def test_pairs_respect_threshold_and_shingle_rule(sbp_run):
     assert v.shape == (cfg.corpus.unique_docs, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
 
 
+def test_synthesis_follows_the_budget_and_the_report_states_the_achieved_share(sbp_run):
+    """The SBP arm never runs out of synthetic data (it would fall back to real data and run at a
+    lower share, as the main job once did at 98k of 150k tokens): synthesis generates whole parts
+    until the kept tokens cover the target, and the report states configured vs achieved share."""
+    cfg, d, _ = sbp_run
+    results = json.loads((d / "results.json").read_text())
+    sy = results["synthesis"]
+    assert sy["plan"]["target_tokens"] == synthetic_target(cfg) and sy["kept_tokens"] >= synthetic_target(cfg)
+    assert sy["generated"] % cfg.synthesis.part_size == 0
+    per_request = sy["kept_tokens"] / sy["generated"]  # no more parts than the shortfall needs, plus margin
+    assert sy["generated"] <= plan_requests(synthetic_target(cfg), 0, per_request, cfg.synthesis.margin,
+                                            cfg.synthesis.part_size) + cfg.synthesis.part_size
+    for arm in ("sbp", "random_pairs"):
+        assert "synthetic" not in results["arms"][arm]["exhausted_sources"]
+        achieved = results["share"]["achieved"][arm]
+        assert achieved == results["arms"][arm]["sources"]["synthetic"]["tokens"] / cfg.joint.train.token_budget
+        assert abs(achieved - cfg.joint.synthetic_share) < 0.25  # a random draw per micro-batch
+    assert results["share"]["configured"] == cfg.joint.synthetic_share
+    report = (d / "report.md").read_text()
+    assert f"Synthetic share: configured {cfg.joint.synthetic_share:.1%}, achieved" in report
+    assert f"{sy['plan']['target_tokens']:,} synthetic tokens needed" in report
+
+
+def test_a_larger_share_tops_up_synthesis_without_regenerating(sbp_run):
+    """Requests scale with the budget: a larger share asks for more documents and reuses the
+    parts already generated."""
+    cfg, d, _ = sbp_run
+    from selftaught.storage import RunDir
+
+    run_dir = RunDir(d)
+    corpus, tokens, synth = (run_dir.stage(n) for n in ("corpus", "tokens", "synthesizer"))  # their outputs
+    small, large = (cfg.model_copy(update={"joint": cfg.joint.model_copy(update={"synthetic_share": x})})
+                    for x in (0.02, 0.08))
+    s = synthesis_stage(run_dir, small, corpus, tokens, synth, name="synthesis_topup")
+    first = s.outputs["generated"]
+    mtimes = {p: p.stat().st_mtime_ns for p in (s.path / "parts").glob("*.parquet")}
+    s = synthesis_stage(run_dir, large, corpus, tokens, synth, name="synthesis_topup")
+    target = synthetic_target(large)
+    assert target > 2 * synthetic_target(small) and s.outputs["generated"] > first
+    assert s.outputs["kept_tokens"] >= target
+    ps = cfg.synthesis.part_size  # no more requests than the measured yield needs (+ margin, whole parts)
+    assert s.outputs["generated"] <= plan_requests(target, 0, s.outputs["kept_tokens"] / s.outputs["generated"],
+                                                   cfg.synthesis.margin, ps) + ps
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_synthetic_target_and_plan():
+    cfg = resolve(SBPConfig, None, ["joint.train.token_budget=2000000000", "joint.train.num_workers=4"])
+    t = cfg.joint.train
+    micro = t.total_steps() * t.grad_accum  # per worker
+    expected = micro * cfg.joint.synthetic_share * t.micro_batch_size * (t.seq_len + 1) * 4
+    assert expected < synthetic_target(cfg) < 1.05 * expected  # the mean plus three standard deviations
+    assert plan_requests(1000, 0, 10.0, 0.1, 16) == 112  # 110 rounded up to whole parts
+    assert plan_requests(1000, 900, 10.0, 0.0, 16) == 16 and plan_requests(1000, 1000, 10.0, 0.1, 16) == 0
+
+
 def test_synthesis_provenance_and_filters(sbp_run):
     cfg, d, _ = sbp_run
     parts = read_parquet(d / "synthesis" / "parts")
-    assert parts.num_rows == cfg.synthesis.num_docs and len(set(parts["id"].to_pylist())) == parts.num_rows
+    assert parts.num_rows == json.loads((d / "results.json").read_text())["synthesis"]["generated"]
+    assert len(set(parts["id"].to_pylist())) == parts.num_rows
     row = parts.to_pylist()[0]
     assert row["synthesizer"].endswith("synthesizer/model") and json.loads(row["sampling"])["top_p"] == 0.9
     d_ids = set(read_parquet(d / "tokens" / "candidates.parquet")["id"].to_pylist()[: cfg.corpus.unique_docs])

@@ -12,6 +12,10 @@ any corpus the same way:
 | source   | string | corpus name (``wiki``, ``factbook``, ...)                      |
 | metadata | string | JSON object with source-specific fields (category, region ...) |
 
+Your own corpus (``data.corpus``) needs only a string ``text`` column; ``id`` (string or
+integer), ``title`` and ``category`` are optional (:data:`USER_COLUMNS`), other columns are
+ignored. A missing id becomes ``doc/<sha1 of the text>``; ``category`` goes into metadata.
+
 Metadata is a JSON *string* rather than a struct so corpora with different fields share one
 schema and concatenate without type promotion.
 """
@@ -31,6 +35,8 @@ T = TypeVar("T")
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("title", pa.string()),
                         ("source", pa.string()), ("metadata", pa.string())])
+
+USER_COLUMNS = ("id", "text", "title", "category")  # what prepare reads from a user corpus
 
 QUESTION_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("country", pa.string()),
                              ("field", pa.string()), ("question", pa.string()),

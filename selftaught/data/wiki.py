@@ -76,7 +76,8 @@ def build_wiki(path: str | Path | None = None, limit: int | None = None) -> tupl
 
 def split_by_id(rows: list[dict], eval_fraction: float, salt: str = "") -> tuple[list[dict], list[dict]]:
     """Train / held-out split by a stable hash of the id: a document keeps its side when the
-    corpus grows or shrinks, so held-out numbers stay comparable across runs."""
+    corpus grows or shrinks, so held-out numbers stay comparable across runs. crc32, not
+    ``hash()``: the same bucket on every machine and Python process; ``salt`` reseeds it."""
     train, held = [], []
     for r in rows:
         bucket = zlib.crc32((salt + r["id"]).encode()) % 10_000
