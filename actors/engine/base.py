@@ -119,7 +119,6 @@ class RowState:
     (tokens to emit next, in order, instead of sampling), ``banned`` (token ids masked at the
     next sampling step) and ``retract`` (how many of the last emitted tokens to take back)."""
 
-    index: int  # position in the engine's flattened (request, sample) order
     params: SamplingConfig
     prompt_len: int
     request: Any = 0  # the request this row answers

@@ -43,7 +43,6 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingConfig
     sink: EventSink | None
-    policies: list[DecodePolicy]
     rows: list["_Row"] = field(default_factory=list)
     open: int = 0  # samples not finished yet
 
@@ -52,7 +51,6 @@ class _Request:
 class _Row(RowState):
     """A row plus what the engine streams from it (never touched outside this module)."""
 
-    req: Any = None
     logprobs: list[float] | None = None
     top: list | None = None
     pending_lp: tuple | None = None  # (log-prob, top-k) of the token being appended
@@ -103,7 +101,6 @@ class TransformersEngine(GenerationEngine):
         self._mask: torch.Tensor | None = None  # [B, T] 1 where a row has a real token
         self._pos: torch.Tensor | None = None  # [B] position of each row's next token
         self._logits: torch.Tensor | None = None  # [B, V] distribution of each row's next token
-        self._row_ids = 0
         self.stats = {"steps": 0, "prefills": 0, "admitted": 0, "finished": 0, "aborted": 0,
                       "failed_requests": 0, "failed_rows": 0, "max_running": 0}
 
@@ -144,16 +141,14 @@ class TransformersEngine(GenerationEngine):
                     grammar.constraint(p.response_format)  # compile now: a bad schema is this request's 400
                 except ValueError as e:
                     raise RequestError(f"response_format: {e}") from None
-            policies = [self._policy(policy, p) for _ in range(p.n)]
-            req = _Request(request_id, list(ids), p, on_event, policies, open=p.n)
+            req = _Request(request_id, list(ids), p, on_event, open=p.n)
             for s in range(p.n):
                 gen = None
                 if p.seed is not None:
                     gen = torch.Generator(device="cpu")
                     gen.manual_seed((int(p.seed) * 1000003 + s) % 2**63)  # any int64 seed, one stream per sample
-                self._row_ids += 1
-                req.rows.append(_Row(index=self._row_ids, params=p, prompt_len=len(ids), request=request_id,
-                                     sample=s, generator=gen, policy=policies[s], req=req,
+                req.rows.append(_Row(params=p, prompt_len=len(ids), request=request_id,
+                                     sample=s, generator=gen, policy=self._policy(policy, p),
                                      logprobs=[] if p.logprobs is not None else None,
                                      top=[] if p.logprobs else None,
                                      constraint=grammar.constraint(p.response_format) if grammar else None))
