@@ -347,6 +347,20 @@ class GenerationEngine(ABC):
 _GEN_IDS = itertools.count()
 
 
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` of a request seeded with ``seed``: one stream per sample,
+    within int64 whatever the request's seed."""
+    return (int(seed) * 1000003 + sample) % 2**63
+
+
+def sample_usage(prompt_tokens: int, comp: Completion) -> dict[str, int]:
+    """The ``usage`` of a sample's final event (thinking tokens too, for budget-forced ones)."""
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": comp.num_tokens}
+    if comp.budget is not None:
+        usage["reasoning_tokens"] = comp.budget.get("thinking_tokens", 0)
+    return usage
+
+
 def eos_ids_of(tokenizer: Any, generation_eos: Any = None) -> set[int]:
     """EOS ids of a model: the tokenizer's plus its generation config's (an id or a list)."""
     ids: set[int] = set()

@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from actors.engine.base import Completion, DecodePolicy, first_stop
+from actors.engine.base import Completion, DecodePolicy, first_stop, sample_seed
 from selftaught.config import BudgetConfig, SamplingConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -362,7 +362,7 @@ def round_samples(engine: "GenerationEngine", ids: list[int], p: SamplingConfig)
     """The ``n`` samples of one budget-forced request, ready for :func:`next_round`."""
     toks = budget_tokens(engine, p.budget, p)
     prompt = with_think_start(ids, toks)
-    return [_Sample(prompt, p, toks, None if p.seed is None else (int(p.seed) * 1000003 + k) % 2**63,
+    return [_Sample(prompt, p, toks, None if p.seed is None else sample_seed(p.seed, k),
                     [], BudgetUsage()) for k in range(p.n)]
 
 

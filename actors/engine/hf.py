@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from actors.engine.base import (PLAIN, Completion, DecodePolicy, EventSink, GenerationEngine,
                                 IncrementalDetokenizer, Prompt, RequestError, RowState, StreamEvent,
-                                dispatch_events, eos_ids_of, first_stop)
+                                dispatch_events, eos_ids_of, first_stop, sample_seed,
+                                sample_usage)
 from actors.engine.budget import BudgetForcing, with_think_start
 from selftaught.config import EngineConfig, SamplingConfig
 
@@ -146,7 +147,7 @@ class TransformersEngine(GenerationEngine):
                 gen = None
                 if p.seed is not None:
                     gen = torch.Generator(device="cpu")
-                    gen.manual_seed((int(p.seed) * 1000003 + s) % 2**63)  # any int64 seed, one stream per sample
+                    gen.manual_seed(sample_seed(p.seed, s))
                 req.rows.append(_Row(params=p, prompt_len=len(ids), request=request_id,
                                      sample=s, generator=gen, policy=self._policy(policy, p),
                                      logprobs=[] if p.logprobs is not None else None,
@@ -474,11 +475,9 @@ class TransformersEngine(GenerationEngine):
             else:
                 log.warning("streamed text of %s/%d differs from its final decode", row.request, row.sample)
         self.stats["finished"] += 1
-        usage = {"prompt_tokens": row.prompt_len, "completion_tokens": comp.num_tokens}
-        if comp.budget is not None:
-            usage["reasoning_tokens"] = comp.budget.get("thinking_tokens", 0)
         events.append(StreamEvent(request_id=row.request, index=row.sample, text=tail, phase="answer",
-                                  finish_reason=comp.finish_reason, usage=usage, completion=comp, error=row.error))
+                                  finish_reason=comp.finish_reason, usage=sample_usage(row.prompt_len, comp),
+                                  completion=comp, error=row.error))
         return events
 
     # ------------------------------------------------------------------ choosing tokens

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from actors.engine.base import (Completion, DecodePolicy, EventSink, GenerationEngine, IncrementalDetokenizer,
-                                Prompt, RequestError, StreamEvent, dispatch_events, eos_ids_of)
+                                Prompt, RequestError, StreamEvent, dispatch_events, eos_ids_of,
+                                sample_usage)
 from selftaught.config import EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -367,12 +368,10 @@ class VLLMEngine(GenerationEngine):
         if comp.finish_reason != "abort":
             sent = streamed_text or ""
             tail = final[len(sent):] if final.startswith(sent) else ""
-        usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": comp.num_tokens}
-        if comp.budget is not None:
-            usage["reasoning_tokens"] = comp.budget.get("thinking_tokens", 0)
         self.stats["finished"] += 1
         return StreamEvent(request_id=req.id, index=c.index, text=tail, phase="answer",
-                           finish_reason=comp.finish_reason, usage=usage, completion=comp)
+                           finish_reason=comp.finish_reason, usage=sample_usage(len(req.prompt_ids), comp),
+                           completion=comp)
 
     def _completion(self, c: _Choice, o, p: SamplingConfig) -> Completion:
         """vLLM's output in our schema, with the transformers backend's conventions: an EOS
