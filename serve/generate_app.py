@@ -73,13 +73,9 @@ class GeneratorDeployment:
         if n_prompts > c.max_prompts:
             raise proto.OpenAIError(f"{n_prompts} prompts exceed this server's limit of {c.max_prompts}",
                                     param="prompts")
-        if any(len(x) > proto.MAX_STOP_CHARS for x in s.stop) or len(s.stop) > 16:
-            raise proto.OpenAIError(f"at most 16 stop strings of {proto.MAX_STOP_CHARS} characters", param="sampling.stop")
+        proto.check_stops(s.stop, param="sampling.stop")
         if s.budget is not None:
-            for name in ("extension", "answer_cue", "think_start", "think_end"):
-                if len(getattr(s.budget, name)) > proto.MAX_BUDGET_TEXT:
-                    raise proto.OpenAIError(f"budget.{name} may have at most {proto.MAX_BUDGET_TEXT} characters",
-                                            param=f"sampling.budget.{name}")
+            proto.check_budget_texts(s.budget, param="sampling.budget")
         return s
 
     async def _one(self, prompt: Any, sampling: SamplingConfig, index: int) -> dict[str, Any]:

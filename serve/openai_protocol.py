@@ -156,10 +156,7 @@ class _Common(_Open):
         if self.stop is None:
             return []
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        if len(stops) > 16:
-            raise OpenAIError("at most 16 stop sequences", param="stop")
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise OpenAIError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters", param="stop")
+        check_stops(stops)
         return [s for s in stops if s]
 
 
@@ -234,6 +231,23 @@ def parse(cls: type[_Common], body: Any) -> _Common:
     return req
 
 
+def check_stops(stops: list[str], param: str = "stop") -> None:
+    """Stop strings are matched against every decoded token's tail: their number and length
+    are bounded (the same rule for every endpoint)."""
+    if len(stops) > 16:
+        raise OpenAIError("at most 16 stop sequences", param=param)
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise OpenAIError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters", param=param)
+
+
+def check_budget_texts(budget: BudgetConfig, param: str = "budget_forcing") -> None:
+    """A budget's strings are tokenized and forced into completions: their length is bounded."""
+    for name in ("extension", "answer_cue", "think_start", "think_end"):
+        if len(getattr(budget, name)) > MAX_BUDGET_TEXT:
+            raise OpenAIError(f"{param}.{name} may have at most {MAX_BUDGET_TEXT} characters",
+                              param=f"{param}.{name}")
+
+
 class Limits(BaseModel):
     """What one request may ask of the server (from ``ServeConfig``)."""
 
@@ -253,10 +267,7 @@ def sampling_for(req: _Common, limits: Limits, prompt_tokens: int, budget: Budge
     if req.n > limits.max_n:
         raise OpenAIError(f"n={req.n} exceeds this server's limit of {limits.max_n}", param="n")
     if budget is not None:
-        for name in ("extension", "answer_cue", "think_start", "think_end"):
-            if len(getattr(budget, name)) > MAX_BUDGET_TEXT:
-                raise OpenAIError(f"budget_forcing.{name} may have at most {MAX_BUDGET_TEXT} characters",
-                                  param=f"budget_forcing.{name}")
+        check_budget_texts(budget)
     if limits.vocab_size is not None:
         bad = [t for t in req.stop_token_ids or [] if not 0 <= t < limits.vocab_size]
         if bad:
