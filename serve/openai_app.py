@@ -305,36 +305,32 @@ class OpenAIServer:
 
     async def _chat_chunks(self, job: Job, events, created: int, include_usage: bool, n: int, budget: bool,
                            want_lp: bool):
-        first = await events.__anext__()  # the engine accepted the request
-        for i in range(n):
-            yield proto.chat_chunk(job.rid, created, self.model_id, i, {"role": "assistant", "content": ""})
         usage: list[GenerationOutput] = []
-        pending = [first]
-        while True:
-            for _, ev in pending:
-                if ev.error:
-                    yield proto.OpenAIError(ev.error, status=500, type="server_error").body()
-                    return
-                delta: dict[str, str] = {}
-                if ev.text and ev.phase == "answer":
-                    delta["content"] = ev.text
-                elif ev.text and ev.phase == "reasoning":
-                    delta["reasoning_content" if budget else "content"] = ev.text
-                lps = None
-                if want_lp and ev.phase == "answer" and ev.token_ids:
-                    lps = await self.side.run(self.side.entries, ev.token_ids, ev.logprobs, ev.top_logprobs)
-                if ev.finished:
-                    c = ev.completion
-                    extra = {"budget": c.budget} if c.budget is not None else None
-                    yield proto.chat_chunk(job.rid, created, self.model_id, ev.index, delta, c.finish_reason, extra, lps)
-                    pt = (ev.usage or {}).get("prompt_tokens", 0) if not usage else 0  # one prompt, n samples
-                    usage.append(GenerationOutput("", [], [c], metrics={"prompt_tokens": pt}))
-                elif delta or lps:
-                    yield proto.chat_chunk(job.rid, created, self.model_id, ev.index, delta, logprobs=lps)
-            try:
-                pending = [await events.__anext__()]
-            except StopAsyncIteration:
-                break
+        started = False
+        async for _, ev in events:
+            if not started:  # the engine accepted the request: open the n choices
+                started = True
+                for i in range(n):
+                    yield proto.chat_chunk(job.rid, created, self.model_id, i, {"role": "assistant", "content": ""})
+            if ev.error:
+                yield proto.OpenAIError(ev.error, status=500, type="server_error").body()
+                return
+            delta: dict[str, str] = {}
+            if ev.text and ev.phase == "answer":
+                delta["content"] = ev.text
+            elif ev.text and ev.phase == "reasoning":
+                delta["reasoning_content" if budget else "content"] = ev.text
+            lps = None
+            if want_lp and ev.phase == "answer" and ev.token_ids:
+                lps = await self.side.run(self.side.entries, ev.token_ids, ev.logprobs, ev.top_logprobs)
+            if ev.finished:
+                c = ev.completion
+                extra = {"budget": c.budget} if c.budget is not None else None
+                yield proto.chat_chunk(job.rid, created, self.model_id, ev.index, delta, c.finish_reason, extra, lps)
+                pt = (ev.usage or {}).get("prompt_tokens", 0) if not usage else 0  # one prompt, n samples
+                usage.append(GenerationOutput("", [], [c], metrics={"prompt_tokens": pt}))
+            elif delta or lps:
+                yield proto.chat_chunk(job.rid, created, self.model_id, ev.index, delta, logprobs=lps)
         if include_usage:
             yield proto.usage_chunk(job.rid, created, self.model_id, "chat.completion.chunk", usage)
 
