@@ -121,7 +121,9 @@ def corpus_stage(run: RunDir, cfg: SBPConfig, paths: dict[str, Path]) -> Stage:
     import ray.data
 
     inputs = {split: file_fingerprint(paths[split]) for split in ("train", "eval")}
-    st = run.stage("corpus", cfg.corpus, inputs=inputs)
+    # what this stage reads: the split's seed and size (num_blocks is parallelism; unique_docs and
+    # oracle_docs are read where D and the pool are cut, and are in those stages' hashes)
+    st = run.stage("corpus", cfg.corpus.model_dump(include={"seed", "eval_docs"}), inputs=inputs)
     if st.up_to_date():
         return st
     st.begin(keep_partial=False)
@@ -157,41 +159,73 @@ def _texts_by_id(corpus: Stage, ids: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ pairing
+def _embedding_table(batch: pa.Table) -> pa.Table:
+    """Ray Data step: ``row``, ``id`` and a plain ``fixed_size_list<float32>`` embedding column
+    (what the index shards read straight from Parquet), whatever layout the embedder returned."""
+    col = batch["embedding"]
+    vecs = np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32, copy=False)
+    flat = pa.array(vecs.reshape(-1), pa.float32())
+    return pa.table({"row": batch["row"], "id": batch["id"],
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1])})
+
+
+def load_embeddings(pairing: Stage) -> tuple[list[str], np.ndarray]:
+    """The pairing stage's document ids and unit-norm vectors, in D's order (for the small
+    consumers: the random-pairs control and the quality sample)."""
+    t = read_parquet(pairing.path / "embeddings", columns=["row", "id", "embedding"])
+    t = t.sort_by("row")
+    flat = t["embedding"].combine_chunks().flatten()
+    return t["id"].to_pylist(), np.asarray(flat, dtype=np.float32).reshape(t.num_rows, -1)
+
+
 def pairing_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, tokens: Stage) -> Stage:
+    """Embeddings on the embedder actor pool written as Parquet parts; the parts are loaded by
+    the :class:`~selftaught.ann.ShardedIndex` shard actors themselves (``pairing.index.shards``),
+    and the top-k self-join streams back batch by batch, thresholded as it arrives, so the driver
+    never holds the vectors. A 13-token shingle rule then drops near-copies among the pairs."""
     import ray.data
 
     from actors.embedder import embed_dataset
-    from selftaught.ann import knn, pairs_above
+    from selftaught.ann import ShardedIndex, pairs_above
     from selftaught.text import shares_shingle
 
-    st = run.stage("pairing", cfg.pairing, deps=[corpus, tokens], inputs={"unique_docs": cfg.corpus.unique_docs})
+    st = run.stage("pairing", cfg.pairing, deps=[corpus, tokens],
+                   inputs={"unique_docs": cfg.corpus.unique_docs, "layout": "sharded"})
     if st.up_to_date():
         return st
     st.begin(keep_partial=False)
     d_ids, _ = split_ids(tokens, cfg)
     texts = _texts_by_id(corpus, d_ids)
-    ds = ray.data.from_items([{"row": i, "text": t} for i, t in enumerate(texts)])
-    rows = embed_dataset(ds, cfg.pairing.embedder, cfg.pairing.num_actors, cfg.pairing.batch_size).take_all()
-    rows.sort(key=lambda r: r["row"])
-    vecs = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in rows])
-    write_parquet(pa.table({"id": d_ids, "embedding": pa.array(list(vecs), pa.list_(pa.float32()))}),
-                  st.path / "embeddings.parquet")
-    scores, nbrs = knn(vecs, cfg.pairing.top_k + 1, cfg.pairing.index)
-    rows = np.arange(len(d_ids))
-    seeds, partners, sims = pairs_above(rows, scores, nbrs, cfg.pairing.threshold)  # vectorised
-    stats = {"candidates": int(((nbrs >= 0) & (nbrs != rows[:, None])).sum()), "above_threshold": len(seeds),
-             "near_copies": 0}
+    p = cfg.pairing
+    ds = ray.data.from_items([{"row": i, "id": d, "text": t} for i, (d, t) in enumerate(zip(d_ids, texts))],
+                             override_num_blocks=max(p.num_actors, p.index.shards, min(64, len(d_ids) // 2000 + 1)))
+    embed_dataset(ds, p.embedder, p.num_actors, p.batch_size).map_batches(
+        _embedding_table, batch_format="pyarrow").write_parquet(str(st.path / "embeddings"))
+    files = sorted(str(f) for f in (st.path / "embeddings").glob("*.parquet"))
+    index = ShardedIndex.from_parquet(files, p.index, id_column="row")
+    found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]
+    candidates = 0
+    try:
+        for rows, scores, nbrs in index.self_join(p.top_k + 1):
+            candidates += int(((nbrs >= 0) & (nbrs != rows[:, None])).sum())
+            found.append(pairs_above(rows, scores, nbrs, p.threshold))  # vectorised
+    finally:
+        index.close()
+    seeds, partners, sims = (np.concatenate(x) for x in zip(*found))
+    order = np.lexsort((partners, -sims, seeds))  # seed by seed, best neighbour first: independent of shards
+    stats = {"candidates": candidates, "above_threshold": len(seeds), "near_copies": 0}
     pairs = []
-    for i, j, s in zip(seeds.tolist(), partners.tolist(), sims.tolist()):  # text check only above the threshold
-        if shares_shingle(texts[i], texts[j], cfg.pairing.shingle_n):
+    for i, j, s in zip(seeds[order].tolist(), partners[order].tolist(), sims[order].tolist()):
+        if shares_shingle(texts[i], texts[j], p.shingle_n):  # text check only above the threshold
             stats["near_copies"] += 1
             continue
         pairs.append({"d1_id": d_ids[i], "d2_id": d_ids[j], "score": float(s)})
     write_parquet(pa.Table.from_pylist(pairs, schema=pa.schema([("d1_id", pa.string()), ("d2_id", pa.string()),
                                                                  ("score", pa.float32())])),
                   st.path / "pairs.parquet")
-    st.finish(pairs=len(pairs), documents=len(d_ids), seeds_with_pairs=len({p["d1_id"] for p in pairs}),
-              mean_similarity=float(np.mean([p["score"] for p in pairs])) if pairs else None, **stats)
+    st.finish(pairs=len(pairs), documents=len(d_ids), seeds_with_pairs=len({q["d1_id"] for q in pairs}),
+              mean_similarity=float(np.mean([q["score"] for q in pairs])) if pairs else None,
+              index_shards=len(index.shards), **stats)
     return st
 
 
@@ -203,9 +237,7 @@ def random_pairs_stage(run: RunDir, cfg: SBPConfig, pairing: Stage) -> Stage:
     if st.up_to_date():
         return st
     st.begin(keep_partial=False)
-    emb = read_parquet(pairing.path / "embeddings.parquet")
-    ids = emb["id"].to_pylist()
-    vec = np.stack([np.asarray(v, np.float32) for v in emb["embedding"].to_pylist()])
+    ids, vec = load_embeddings(pairing)
     pos = {d: i for i, d in enumerate(ids)}
     d1 = read_parquet(pairing.path / "pairs.parquet", columns=["d1_id"])["d1_id"].to_pylist()
     a = np.array([pos[d] for d in d1], dtype=np.int64)
@@ -433,9 +465,8 @@ def quality_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, pairing: Stage, sy
     rng = np.random.default_rng(0)
     sample = [syn[i] for i in rng.permutation(len(syn))[: cfg.quality_sample]]
     seeds = _texts_by_id(corpus, [r["seed_id"] for r in sample])
-    emb = read_parquet(pairing.path / "embeddings.parquet")
-    vec = np.stack([np.asarray(v, np.float32) for v in emb["embedding"].to_pylist()])
-    pos = {d: i for i, d in enumerate(emb["id"].to_pylist())}
+    emb_ids, vec = load_embeddings(pairing)
+    pos = {d: i for i, d in enumerate(emb_ids)}
     out_vec = embed_texts([r["text"] for r in sample], cfg.pairing.embedder) if sample else np.zeros((0, 1))
     seed_vec = vec[[pos[r["seed_id"]] for r in sample]] if sample else np.zeros((0, 1))
     pairs = read_parquet(pairing.path / "pairs.parquet", columns=["score"])["score"].to_pylist()

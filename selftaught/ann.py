@@ -76,13 +76,16 @@ class IndexShard:
         faiss.omp_set_num_threads(1)
         self.cfg = AnnConfig(**cfg)
         if isinstance(source, list):  # Parquet files of this shard
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
             vec_parts, id_parts = [], []
             for f in source:  # one file at a time: its Arrow buffers are freed before the next
                 t = pq.read_table(f, columns=[column] + ([id_column] if id_column else []))
                 c = t.column(column).combine_chunks()
-                vec_parts.append(np.asarray(c.values, dtype=np.float32).reshape(len(c), -1).copy())
+                if isinstance(c.type, pa.ExtensionType):  # e.g. Ray Data's tensor columns
+                    c = c.storage
+                vec_parts.append(np.asarray(c.flatten(), dtype=np.float32).reshape(len(c), -1).copy())
                 if id_column:
                     id_parts.append(t.column(id_column).to_numpy())
                 del t, c

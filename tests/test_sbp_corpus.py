@@ -150,6 +150,22 @@ def test_sbp_stages_on_a_user_corpus_and_random_pairs(ray_cluster, tmp_path):
     assert len(rp) == len(nn) and [p["d1_id"] for p in rp] == [p["d1_id"] for p in nn]
     assert all(p["d1_id"] != p["d2_id"] for p in rp)
     assert rand.outputs["mean_similarity"] < pairing.outputs["mean_similarity"] - 0.2
+    # the same pairs when the index is split over two shard actors that read their own parts
+    sharded = pairing_stage(run, cfg.model_copy(update={"pairing": cfg.pairing.model_copy(
+        update={"index": cfg.pairing.index.model_copy(update={"shards": 2})})}), corpus, tokens)
+    assert sharded.outputs["index_shards"] == 2
+    again = read_parquet(sharded.path / "pairs.parquet").to_pylist()
+    assert [(p["d1_id"], p["d2_id"]) for p in again] == [(p["d1_id"], p["d2_id"]) for p in nn]
+    assert np.allclose([p["score"] for p in again], [p["score"] for p in nn], atol=1e-5)
+    # a stage reruns when a field it reads outside its own section changes, and only then
+    fewer = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"unique_docs": 120})})
+    smaller = pairing_stage(run, fewer, corpus, tokens)  # pairing reads corpus.unique_docs (D's size)
+    assert smaller.hash != pairing.hash and smaller.outputs["documents"] == 120
+    assert random_pairs_stage(run, fewer, smaller).hash != rand.hash  # and what depends on it follows
+    parallel = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"num_blocks": 7})})
+    marker = (corpus.path / "_STAGE.json").stat().st_mtime_ns
+    assert corpus_stage(run, parallel, corpus_splits(cfg.data, run.root / "data")).complete
+    assert (corpus.path / "_STAGE.json").stat().st_mtime_ns == marker  # parallelism is not a result
 
 
 def test_config_show_plans_a_thesis_scale_run(capsys):
