@@ -107,6 +107,17 @@ def init_model_stage(run: RunDir, cfg: ModelConfig, tok_stage: Stage, context: i
     return st
 
 
+class StoppedEarly(RuntimeError):
+    """A training stage ended before its budget (``stop_after_steps``, a preemption drill): the
+    stage stays unfinished with its checkpoint, and nothing downstream may read its model. The
+    CLI reports it and exits cleanly; the same command resumes the run."""
+
+    def __init__(self, stage: str, steps: int, total_steps: int):
+        super().__init__(f"stage {stage}: stopped after {steps} of {total_steps} steps; run the same command "
+                         "again to resume from its checkpoint")
+        self.stage, self.steps, self.total_steps = stage, steps, total_steps
+
+
 def model_dir(stage: Stage) -> Path:
     """Where a stage keeps its model: ``model/`` for training stages, the stage itself otherwise."""
     return stage.path / "model" if (stage.path / "model" / "config.json").exists() else stage.path
@@ -118,7 +129,8 @@ def train_stage(run: RunDir, name: str, train_cfg, init: Stage | Path, sources: 
     a packaged model). The stage's hash covers the settings that change results (not the progress
     bar or restart policy); an interrupted stage resumes from Ray Train's newest checkpoint of the
     run named after that hash. A run cut short by ``stop_after_steps`` leaves the stage unfinished
-    (a re-run resumes it)."""
+    and raises :class:`StoppedEarly`, so no pipeline goes on with a half-trained model (a re-run
+    resumes it)."""
     from trainers.ray_train import fit
 
     if isinstance(init, Stage):
@@ -132,9 +144,7 @@ def train_stage(run: RunDir, name: str, train_cfg, init: Stage | Path, sources: 
         summary = fit(train_cfg, init_dir, sources(), eval_docs() if eval_docs else None, st.path,
                       run.root / "ray_train", name=f"{run.root.name}-{name}-{st.hash[:12]}")
         if not summary["finished"]:
-            log.warning("stage %s: stopped after %d of %d steps; run again to resume", name, summary["steps"],
-                        summary["total_steps"])
-            return st
+            raise StoppedEarly(name, summary["steps"], summary["total_steps"])
         for f in TOKENIZER_FILES:
             if (init_dir / f).exists():
                 shutil.copy(init_dir / f, st.path / "model" / f)

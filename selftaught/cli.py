@@ -51,7 +51,13 @@ def cmd_run(args) -> int:
     cfg, fn = _pipeline_config(args.config, args.overrides)
     setup_logging(cfg.run_dir)
     log.info("pipeline %s -> %s", cfg.pipeline, Path(cfg.run_dir).resolve())
-    result = fn(cfg)
+    from pipelines.stages import StoppedEarly
+
+    try:
+        result = fn(cfg)
+    except StoppedEarly as e:  # a planned early stop (stop_after_steps) is not a failure
+        log.warning("%s", e)
+        result = {"stopped": e.stage, "steps": e.steps, "total_steps": e.total_steps, "resume": str(e)}
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -52,3 +52,15 @@ def test_cli_data_prepare(tmp_path, capsys):
                  "--set", "data.wiki_limit=40"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["wiki"]["train_docs"] + stats["wiki"]["eval_docs"] == 40
+
+
+def test_stop_after_steps_ends_the_pipeline_cleanly_and_the_same_command_resumes(ray_cluster, tmp_path, capsys):
+    """A preemption drill (train.stop_after_steps) stops the pipeline after the checkpoint with
+    exit code 0 and nothing downstream of the cut stage; the same command then finishes it."""
+    args = ["run", "-c", "examples/quickstart.yaml", *(x for o in [f"run_dir={tmp_path}", *TOY] for x in ("--set", o))]
+    assert main([*args, "--set", "train.stop_after_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["stopped"] == "pretrain"
+    assert not (tmp_path / "pretrain" / "_STAGE.json").exists() and not (tmp_path / "samples").exists()
+    assert main(args) == 0
+    assert json.loads((tmp_path / "pretrain" / "_STAGE.json").read_text())["outputs"]["tokens_seen"] == 12288

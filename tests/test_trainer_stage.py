@@ -1,7 +1,7 @@
 """The training stage's fingerprint and early stops (Ray Train replaced by a recording stub)."""
 import pytest
 
-from pipelines.stages import train_stage
+from pipelines.stages import StoppedEarly, train_stage
 from selftaught.storage import RunDir
 from trainers.config import TrainConfig
 
@@ -33,6 +33,7 @@ def test_settings_that_do_not_change_results_keep_the_stage(tmp_path, tiny_lm_di
 
 def test_stop_after_steps_leaves_the_stage_unfinished(tmp_path, tiny_lm_dir, fits):
     run = RunDir(tmp_path)
-    st = train_stage(run, "pretrain", TrainConfig(stop_after_steps=1), tiny_lm_dir, lambda: [], None)
-    assert not st.complete
+    with pytest.raises(StoppedEarly, match="stopped after 1 of 3 steps"):
+        train_stage(run, "pretrain", TrainConfig(stop_after_steps=1), tiny_lm_dir, lambda: [], None)
+    assert not run.stage("pretrain").path.joinpath("_STAGE.json").exists()
     assert train_stage(run, "pretrain", TrainConfig(), tiny_lm_dir, lambda: [], None).complete
