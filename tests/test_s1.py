@@ -105,6 +105,10 @@ def test_sft_conversation_and_majority():
     assert conv[1]["content"] == "<|im_start|>think\n1 + 2 = 3\n<|im_start|>answer\n3"
     assert majority(["4", "5", "5", "", "4"]) == "4"  # ties go to the first seen
     assert majority(["", " "]) == ""
+    # votes count equal answers together, not equal strings: 3 votes for 1000 beat 2 for 999
+    assert majority(["999", "1,000", "999", "1000", "1000.0"]) == "1,000"
+    assert majority(["1/2", "0.7", "0.5", "0.7", "\\frac{1}{2}"]) == "1/2"
+    assert majority(["Lyon", "Paris.", "paris"]) == "Paris."  # 2 votes after normalisation against 1
 
 
 def test_eval_seed_range_must_not_meet_the_pool():

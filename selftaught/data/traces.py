@@ -96,13 +96,23 @@ def sft_conversation(row: dict, budget: BudgetConfig) -> list[dict[str, str]]:
 
 
 def majority(answers: list[str]) -> str:
-    """The most common non-empty answer (ties go to the earliest)."""
-    counts: dict[str, int] = {}
+    """The answer most samples agree on, counting equal answers as one vote each: answers are
+    grouped when :func:`~selftaught.data.reasoning.answers_match` says they are the same
+    ("1,000" and "1000", "0.5" and "1/2", "Paris." and "paris"). Returns the first-seen form
+    of the largest group (ties go to the group seen first); "" when every answer is empty."""
+    from selftaught.data.reasoning import answers_match
+
+    groups: list[list[str]] = []  # each group: its answers in order seen; [0] represents it
     for a in answers:
         a = a.strip()
-        if a:
-            counts[a] = counts.get(a, 0) + 1
-    if not counts:
+        if not a:
+            continue
+        for g in groups:
+            if a == g[0] or answers_match(a, g[0]):
+                g.append(a)
+                break
+        else:
+            groups.append([a])
+    if not groups:
         return ""
-    best = max(counts.values())
-    return next(a.strip() for a in answers if a.strip() and counts[a.strip()] == best)
+    return max(groups, key=len)[0]  # max keeps the first of equal sizes
