@@ -102,6 +102,12 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_min(x: int, device: str) -> int:
+    t = torch.tensor([x], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -292,11 +298,19 @@ def train_causal_lm(model, train: Sequence, eval_docs: Sequence[np.ndarray] | No
         raise ValueError(f"token_budget {cfg.token_budget} is smaller than one optimizer step "
                          f"({tokens_per_step} tokens with {world} workers)")
     if all(not s.repeat for s in sources):  # each window reads seq_len + 1 tokens
+        per_rank = total_steps * cfg.micro_batch_size * cfg.grad_accum * (cfg.seq_len + 1)
         have = sum(s.num_tokens for s in sources)
-        need = total_steps * cfg.micro_batch_size * cfg.grad_accum * world * (cfg.seq_len + 1)
-        if have < need:
+        if any(s.shard is not None for s in sources):
+            # each rank holds only its shard and reads its share: the smallest shard decides, on every rank alike
+            have = _all_min(have, device) if world > 1 else have
+            if have < per_rank:
+                raise ValueError(f"every source is never-repeat and the smallest rank's shard holds {have} tokens, "
+                                 f"less than the {per_rank} that each of the {world} ranks reads for the "
+                                 f"{cfg.token_budget}-token budget ({cfg.seq_len + 1} per window)")
+        elif have < per_rank * world:
             raise ValueError(f"every source is never-repeat and they hold {have} tokens, less than the "
-                             f"{need} that the {cfg.token_budget}-token budget reads ({cfg.seq_len + 1} per window)")
+                             f"{per_rank * world} that the {cfg.token_budget}-token budget reads "
+                             f"({cfg.seq_len + 1} per window)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

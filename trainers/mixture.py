@@ -15,6 +15,12 @@ generic source with probability 0.1 per batch). A source with ``repeat=False`` (
 synthetic documents) is read at most once: when it cannot fill another batch it leaves the
 mixture and the remaining weights are renormalised. The sampler's state is plain data, so a
 checkpoint restores the exact position.
+
+Data-parallel ranks read disjoint documents. A source holding the whole corpus (a plain process,
+``torchrun``) gives rank r the slice ``r::world`` of every epoch's global permutation. A *sharded*
+source (``shard=(rank, world)``: under Ray Train each worker receives only its shard through
+``ray.train.get_dataset_shard``) already holds only that rank's documents, and the rank shuffles
+them per epoch; with one rank both read the same order.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ class TokenSource:
     weight: float = 1.0
     repeat: bool = True
     skipped: dict[str, int] = field(default_factory=dict)  # counted at tokenisation time
+    # (rank, world): ``ids`` hold only this data-parallel rank's shard, which it shuffles per epoch
+    # (None: the whole source, of which each rank reads a slice of every epoch's permutation)
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self):
         if not self.ids:
@@ -45,6 +54,8 @@ class TokenSource:
             raise ValueError(f"source {self.name!r}: weight must be positive, got {self.weight}")
         if self.masks is not None and len(self.masks) != len(self.ids):
             raise ValueError(f"source {self.name!r}: {len(self.masks)} masks for {len(self.ids)} examples")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise ValueError(f"source {self.name!r}: shard {self.shard} is not (rank, world) with rank < world")
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +75,9 @@ class Exhausted(Exception):
 
 class SourceStream:
     """Batches of ``(ids, mask)`` windows of ``seq_len + 1`` tokens from one source, for one
-    data-parallel rank (ranks read disjoint shards of every epoch's permutation)."""
+    data-parallel rank: of a whole source, the rank's slice of every epoch's permutation; of a
+    sharded source (``src.shard``), a fresh permutation of the rank's own shard every epoch. With
+    one rank the two orders are the same."""
 
     def __init__(self, src: TokenSource, seq_len: int, pad_id: int, seed: int, rank: int, world: int):
         self.src, self.L, self.pad_id = src, seq_len + 1, pad_id
@@ -79,14 +92,21 @@ class SourceStream:
             if too_long:
                 raise ValueError(f"source {src.name!r}: {len(too_long)} examples exceed seq_len + 1 = {self.L} "
                                  "tokens; truncate them when tokenising")
+        if src.shard is not None and tuple(src.shard) != (rank, world):
+            raise ValueError(f"source {src.name!r} holds shard {tuple(src.shard)} (rank, world), "
+                             f"not this rank's ({rank}, {world})")
 
     def _advance(self) -> int | None:
         """Index of the next item of this rank's shard, or None when a non-repeat source is done."""
         if self.next >= len(self.order):
             if self.epoch >= 1 and not self.src.repeat:
                 return None
-            rng = np.random.default_rng([self.seed, self.epoch, zlib_name(self.src.name)])
-            self.order = rng.permutation(len(self.src.ids)).tolist()[self.rank::self.world]
+            key = [self.seed, self.epoch, zlib_name(self.src.name)]
+            if self.src.shard is None:  # the whole source: this rank's slice of the global permutation
+                self.order = np.random.default_rng(key).permutation(len(self.src.ids)).tolist()[self.rank::self.world]
+            else:  # only this rank's shard: all of it, shuffled per rank (the same order as above for one rank)
+                rng = np.random.default_rng(key + [self.rank] if self.world > 1 else key)
+                self.order = rng.permutation(len(self.src.ids)).tolist()
             self.next = 0
             self.epoch += 1
             if not self.order:
