@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +16,9 @@ import pydantic
 import pytest
 
 from selftaught.config import SamplingConfig
-from selftaught.llm import LLMClient, LLMConfig, LLMError, is_retryable, sampling_kwargs
+from selftaught.ledger import BudgetCaps, BudgetExceeded, Ledger
+from selftaught.llm import (LLMClient, LLMConfig, LLMError, LLMResult, cache_key, is_retryable, is_sampled,
+                            sampling_kwargs)
 
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}
 
@@ -403,3 +407,265 @@ def test_sync_and_async_calls_share_one_retry_policy(monkeypatch):
             call("hi")
         assert calls["n"] == 1 and info.value.attempts == 1 and isinstance(info.value.cause, ValueError)
     assert outcomes["completion"] == outcomes["acompletion"] == (3, [0.02, 0.02], 3, True, 2, 1)
+
+
+# ---------------------------------------------------------------- cache and cost caps
+# $1 per token both ways: litellm's mock answers report 10 prompt + 20 completion tokens, so a
+# call costs exactly $30 and its reservation is ~ceil(counted prompt x 1.2) + max_tokens.
+DOLLAR = {"input_price_per_mtok": 1e6, "output_price_per_mtok": 1e6}
+
+
+def _mock_cfg(tmp_path, **kw) -> LLMConfig:
+    return LLMConfig(**{"model": "openai/local-test", "mock_response": "ok", "max_tokens": 20, **DOLLAR,
+                        "cache": str(tmp_path / "llm_cache.sqlite"), **kw})
+
+
+def _counting(monkeypatch, name: str = "completion", delay: float = 0.0) -> dict:
+    """Count requests that reach litellm.<name> (optionally slowed down)."""
+    real = getattr(litellm, name)
+    calls = {"n": 0}
+    lock = threading.Lock()
+    if name == "completion":
+        def fake(**kw):
+            with lock:
+                calls["n"] += 1
+            time.sleep(delay)
+            return real(**kw)
+    else:
+        async def fake(**kw):
+            calls["n"] += 1
+            await asyncio.sleep(delay)
+            return await real(**kw)
+    monkeypatch.setattr(litellm, name, fake)
+    return calls
+
+
+def test_cache_key_covers_the_request_but_not_the_key():
+    base = {"model": "openai/m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0,
+            "max_tokens": 5, "api_base": "http://h/v1", "api_key": "secret-1", "timeout": 60, "num_retries": 0}
+    k = cache_key(base)
+    assert k == cache_key({**base, "api_key": "other", "timeout": 5})  # not what decides the answer
+    assert len({k, *(cache_key({**base, **change}) for change in (
+        {"seed": 1}, {"temperature": 0.5}, {"max_tokens": 6}, {"n": 2}, {"model": "openai/m2"},
+        {"api_base": "http://other/v1"}, {"messages": [{"role": "user", "content": "hi!"}]},
+        {"response_format": {"type": "json_object"}}, {"extra_body": {"top_k": 5}}, {"stop": ["x"]}))}) == 11
+    assert cache_key({**base, "seed": 1}) != cache_key({**base, "seed": 2})
+    # tags tell apart draws of a sampled request only
+    assert cache_key(base, tag=1) == k
+    sampled = {**base, "temperature": 0.7}
+    assert cache_key(sampled, tag=1) != cache_key(sampled) and cache_key({**sampled, "seed": 3}, tag=1) == \
+        cache_key({**sampled, "seed": 3})
+    assert is_sampled(sampled) and not is_sampled(base) and not is_sampled({**sampled, "seed": 0})
+    hdr = {**base, "extra_headers": {"Authorization": "Bearer a", "anthropic-beta": "x"}}
+    assert cache_key(hdr) == cache_key({**hdr, "extra_headers": {"Authorization": "Bearer b", "anthropic-beta": "x"}})
+
+
+def test_cache_hit_costs_nothing_and_is_recorded(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    ledger = Ledger.for_run(tmp_path / "run")
+    log = tmp_path / "calls.jsonl"
+    client = LLMClient(_mock_cfg(tmp_path, call_log=str(log)), ledger=ledger, role="ideator")
+    first = client.complete("propose an idea", temperature=0.7)  # sampled, still cached by request
+    second = client.complete("propose an idea", temperature=0.7)
+    assert calls["n"] == 1 and not first.cached and second.cached
+    assert (second.text, second.finish_reason, second.prompt_tokens, second.completion_tokens, second.cost_usd) == \
+        (first.text, first.finish_reason, first.prompt_tokens, first.completion_tokens, first.cost_usd) == \
+        ("ok", "stop", 10, 20, pytest.approx(30.0))
+    assert second.attempts == 0 and second.spent_usd == 0.0 and first.spent_usd == pytest.approx(30.0)
+    u = client.usage.snapshot()
+    assert u["calls"] == 1 and u["cost_usd"] == pytest.approx(30.0) and u["cache_hits"] == 1
+    assert u["saved_usd"] == pytest.approx(30.0)
+    role = ledger.snapshot()["roles"]["ideator"]
+    assert (role["calls"], role["cache_hits"], role["usd"], role["saved_usd"]) == (1, 1, 30.0, 30.0)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["cached"], x["cost_usd"], x["saved_usd"], x["role"]) for x in lines] == \
+        [(False, 30.0, 0.0, "ideator"), (True, 0.0, 30.0, "ideator")]
+
+    # anything that changes the request is a miss
+    for kw in ({"temperature": 0.3}, {"seed": 7}, {"seed": 8}, {"max_tokens": 25}):
+        assert not client.complete("propose an idea", **kw).cached
+    assert not client.complete([{"role": "system", "content": "be bold"},
+                                {"role": "user", "content": "propose an idea"}]).cached
+    assert client.complete("propose an idea", seed=8).cached
+    assert calls["n"] == 6
+
+    # opt-outs: per call, and per config for sampled calls
+    assert not client.complete("propose an idea", temperature=0.7, use_cache=False).cached and calls["n"] == 7
+    picky = LLMClient(_mock_cfg(tmp_path, cache_sampled=False), ledger=ledger, role="ideator")
+    assert not picky.complete("propose an idea", temperature=0.7).cached  # sampled, no seed: not cached
+    assert picky.complete("propose an idea", seed=8).cached  # seeded: cached
+    assert picky.complete("propose an idea", temperature=0.7, use_cache=True).cached
+    assert calls["n"] == 8
+
+
+def test_cache_survives_a_new_client_and_process(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    LLMClient(_mock_cfg(tmp_path)).complete("idea 1", temperature=0.0)
+    resumed = LLMClient(_mock_cfg(tmp_path))  # a resumed run: new client, new connection
+    assert resumed.complete("idea 1", temperature=0.0).cached and calls["n"] == 1
+    code = ("import sqlite3, sys, json\ncon = sqlite3.connect(sys.argv[1])\n"
+            "print(json.dumps([json.loads(r)['text'] for (r,) in con.execute('SELECT result FROM llm_cache')]))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "llm_cache.sqlite")], capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert json.loads(out.stdout) == ["ok"]  # on disk, readable by any other process
+
+
+def test_failures_are_not_cached_and_free_their_reservation(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path / "ledger.sqlite", caps={"total_usd": 1000})
+    bad = litellm.exceptions.BadRequestError("refused", model="openai/local-test", llm_provider="openai")
+    calls = _flaky(monkeypatch, 1, bad)
+    client = LLMClient(_mock_cfg(tmp_path), ledger=ledger, role="judge")
+    with pytest.raises(LLMError, match="refused"):
+        client.complete("score this")
+    r = client.complete("score this")
+    assert not r.cached and calls["n"] == 2 and client.complete("score this").cached
+    role = ledger.snapshot()["roles"]["judge"]
+    assert (role["errors"], role["calls"], role["cache_hits"], role["reserved_usd"]) == (1, 1, 1, 0.0)
+
+
+def test_concurrent_identical_calls_pay_once(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch, delay=0.2)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    client = LLMClient(_mock_cfg(tmp_path, max_concurrency=8), ledger=ledger, role="ideator")
+    barrier = threading.Barrier(6)
+    out: list = []
+
+    def go():
+        barrier.wait()
+        out.append(client.complete("the same idea", temperature=0.0))
+
+    threads = [threading.Thread(target=go) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls["n"] == 1 and sorted(r.cached for r in out) == [False] + [True] * 5
+    assert ledger.snapshot()["roles"]["ideator"]["usd"] == pytest.approx(30.0)
+
+    # in a batch, repeats of a sampled prompt are separate draws (each its own entry) ...
+    out = client.complete_many(["draw", "draw", "draw"], temperature=1.0)
+    assert calls["n"] == 4 and [r.cached for r in out] == [False, False, False]
+    # ... which a resumed run gets back from the cache, while greedy repeats pay once
+    assert all(r.cached for r in client.complete_many(["draw", "draw", "draw"], temperature=1.0))
+    greedy = client.complete_many(["g", "g", "g"], temperature=0.0)
+    assert calls["n"] == 5 and sum(not r.cached for r in greedy) == 1
+
+
+def test_usd_cap_stops_before_overrun(tmp_path):
+    ledger = Ledger.for_run(tmp_path, caps=BudgetCaps(total_usd=100.0))
+    client = LLMClient(_mock_cfg(tmp_path, cache=None), ledger=ledger, role="ideator")
+    paid = 0
+    with pytest.raises(BudgetExceeded, match="total_usd") as info:
+        for i in range(10):
+            client.complete(f"idea {i}")
+            paid += 1
+    snap = ledger.snapshot()
+    assert paid == 3 and snap["total"]["usd"] == pytest.approx(90.0) and snap["total"]["usd"] <= 100.0
+    assert info.value.used == pytest.approx(90.0) and info.value.requested > 10.0  # the 4th could pass the cap
+    assert snap["total"]["reserved_usd"] == 0.0 and client.usage.snapshot()["calls"] == 3
+    assert not isinstance(info.value, LLMError)  # a run-level stop, not a failed call
+
+    # many threads racing for the same budget never overrun it either
+    ledger2 = Ledger(tmp_path / "l2.sqlite", caps={"total_usd": 200.0})
+    racer = LLMClient(_mock_cfg(tmp_path, cache=None, max_concurrency=6), ledger=ledger2, role="ideator")
+    outcomes: list = []
+
+    def go(i):
+        try:
+            outcomes.append(racer.complete(f"race {i}"))
+        except BudgetExceeded as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = ledger2.snapshot()
+    assert snap["total"]["usd"] <= 200.0 and snap["total"]["reserved_usd"] == 0.0
+    assert sum(isinstance(o, LLMResult) for o in outcomes) == snap["total"]["calls"] >= 5
+    assert any(isinstance(o, BudgetExceeded) for o in outcomes)
+    with pytest.raises(BudgetExceeded):  # a batch stops at the cap even with return_exceptions
+        racer.complete_many([f"more {i}" for i in range(4)], return_exceptions=True)
+
+
+def test_role_caps_share_one_ledger(tmp_path):
+    ledger = Ledger.for_run(tmp_path, caps={"role_usd": {"judge": 50.0}, "total_usd": 1000.0})
+    judge = LLMClient(_mock_cfg(tmp_path, cache=None), ledger=ledger, role="judge")
+    ideator = LLMClient(_mock_cfg(tmp_path, cache=None, role="ideator"), ledger=ledger)
+    judge.complete("score 1")
+    with pytest.raises(BudgetExceeded, match=r"role_usd\[judge\]"):
+        judge.complete("score 2")
+    for i in range(3):
+        ideator.complete(f"idea {i}")
+    roles = ledger.snapshot()["roles"]
+    assert roles["judge"]["usd"] == pytest.approx(30.0) and roles["ideator"]["calls"] == 3
+    # a client built from config alone (e.g. inside a Ray actor) finds the same ledger and caps by path
+    by_path = LLMClient(_mock_cfg(tmp_path, cache=None, role="judge", ledger=ledger.path))
+    with pytest.raises(BudgetExceeded):
+        by_path.complete("score 3")
+
+
+def test_compute_caps_for_the_executor(tmp_path):
+    ledger = Ledger.for_run(tmp_path, caps=BudgetCaps(gpu_hours=1.0, jobs=2))
+    r = ledger.reserve_compute("gpu", gpu_hours=0.75)
+    assert not ledger.can_start("gpu", gpu_hours=0.5)
+    ledger.add_compute("gpu", gpu_hours=0.25, reservation=r)
+    assert ledger.can_start("gpu", gpu_hours=0.5)
+    ledger.add_compute("cpu", cpu_hours=3.0)
+    with pytest.raises(BudgetExceeded, match="jobs"):
+        ledger.check_compute("gpu", gpu_hours=0.1)
+    assert ledger.snapshot()["envs"]["cpu"]["cpu_hours"] == 3.0
+
+
+def test_unknown_price_is_an_error_with_a_ledger(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    unpriced = LLMConfig(model="openai/my-local-model", mock_response="ok")
+    with pytest.raises(LLMError, match="input_price_per_mtok and output_price_per_mtok") as info:
+        LLMClient(unpriced, ledger=ledger)
+    assert info.value.reason == "unknown price"
+    with pytest.raises(LLMError, match="no price known"):
+        LLMClient(unpriced, require_price=True)
+    with pytest.raises(LLMError, match="declare both"):
+        LLMClient(unpriced, ledger=ledger, input_price_per_mtok=1.0)
+    free = LLMClient(unpriced, ledger=ledger, input_price_per_mtok=0, output_price_per_mtok=0)  # a local server
+    r = free.complete("hi")
+    assert r.cost_known and r.cost_usd == 0.0 and ledger.snapshot()["roles"]["default"]["calls"] == 1
+    known = LLMClient(LLMConfig(model="gpt-4o-mini", mock_response="ok"), ledger=ledger)  # litellm prices it
+    assert known.complete("hi").cost_usd > 0
+    # a per-call model override is checked too
+    with pytest.raises(LLMError, match="no price known"):
+        known.complete("hi", model="openai/my-local-model")
+    # without a ledger: the old behaviour, an uncosted call
+    assert not LLMClient(unpriced).complete("hi").cost_known
+
+
+def test_async_path_uses_cache_and_ledger(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch, name="acompletion", delay=0.05)
+    ledger = Ledger.for_run(tmp_path, caps={"total_usd": 130.0})
+    client = LLMClient(_mock_cfg(tmp_path, max_concurrency=4), ledger=ledger, role="implementer")
+
+    async def main():
+        same = await asyncio.gather(*(client.acomplete("edit the code", temperature=0.0) for _ in range(3)))
+        batch = await client.acomplete_many(["a", "b", "a"], temperature=1.0)
+        return same, batch
+
+    same, batch = asyncio.run(main())
+    assert sum(r.cached for r in same) == 2 and not any(r.cached for r in batch)  # the second "a": its own draw
+    assert calls["n"] == 4
+    role = ledger.snapshot()["roles"]["implementer"]
+    assert role["cache_hits"] == 2 and role["usd"] == pytest.approx(30.0 * role["calls"])
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(client.acomplete("one more edit"))
+    assert ledger.snapshot()["total"]["usd"] <= 130.0
+    assert asyncio.run(client.acomplete("edit the code", temperature=0.0)).cached  # hits need no budget
+
+
+def test_chat_samples_are_separate_cache_entries(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    client = LLMClient(_mock_cfg(tmp_path))
+    conv = [[{"role": "user", "content": "tell a story"}]]
+    out = client.chat(conv, SamplingConfig(temperature=1.0, n=3, max_new_tokens=20))
+    assert calls["n"] == 3 and out[0].metrics["cost_usd"] == pytest.approx(90.0)
+    again = client.chat(conv, SamplingConfig(temperature=1.0, n=3, max_new_tokens=20))
+    assert calls["n"] == 3 and again[0].metrics["cost_usd"] == 0.0 and len(again[0].completions) == 3
