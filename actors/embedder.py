@@ -61,32 +61,97 @@ def embed_texts(texts: Sequence[str], name: str = "minilm", batch_size: int = 64
 
 
 class EmbedBatch:
-    """Ray Data callable: adds a unit-norm ``embedding`` column for ``text_column``."""
+    """Ray Data callable: adds a unit-norm ``embedding`` column for ``text_column``.
+
+    One call embeds the whole batch it is given: ``encode`` sorts those texts by length and pads
+    each ``batch_size`` group only to its own longest text, so larger calls waste less on padding.
+    The column is one fixed-size float32 array (``rows x dim``), not a list of per-row arrays.
+    """
 
     def __init__(self, name: str = "minilm", text_column: str = "text", batch_size: int = 64,
-                 num_cpus: float | None = None):
+                 num_cpus: float | None = None, threads: int | None = None):
         import torch
 
-        if num_cpus:
-            torch.set_num_threads(max(1, int(num_cpus)))
+        n = threads or (max(1, int(num_cpus)) if num_cpus else None)
+        if n:
+            torch.set_num_threads(n)
         self.model = load(name)
         self.text_column, self.batch_size = text_column, batch_size
 
     def __call__(self, batch: dict) -> dict:
         texts = [str(t) for t in batch[self.text_column]]
         vecs = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True)
-        return {**batch, "embedding": list(np.asarray(vecs, dtype=np.float32))}
+        return {**batch, "embedding": np.ascontiguousarray(vecs, dtype=np.float32)}
+
+
+def plan_pool(num_actors: int, total_cpus: float, threads_per_actor: int | None = None,
+              min_threads_per_actor: int = 2) -> tuple[int, int]:
+    """(actors, torch threads per actor) for a pool asked for ``num_actors`` on ``total_cpus``.
+
+    Threads are whole numbers: a fractional CPU share (0.875 each for two actors on 2 cores) used
+    to round down to one thread per actor. Actors are never given fewer than
+    ``min_threads_per_actor`` threads while the cluster has that many cores: on 2 cores one actor
+    with 2 intra-op threads embeds faster than two single-thread actors (measured, see
+    docs/benchmarks.md) and loads the model once instead of twice.
+    """
+    cores = max(int(total_cpus), 1)
+    if threads_per_actor:
+        threads = max(1, int(threads_per_actor))
+        actors = max(1, min(num_actors, cores // threads or 1))
+    else:
+        threads = max(1, min(max(min_threads_per_actor, 1), cores))
+        actors = max(1, min(num_actors, cores // threads))
+        threads = max(threads, cores // actors)
+    return actors, threads
 
 
 def embed_dataset(ds, name: str = "minilm", num_actors: int = 2, batch_size: int = 64,
-                  text_column: str = "text", cpus_per_actor: float = 1.0):
-    """``ds`` with an ``embedding`` column, computed on a pool of embedder actors."""
+                  text_column: str = "text", cpus_per_actor: float | None = None,
+                  threads_per_actor: int | None = None, rows_per_call: int | None = None,
+                  min_threads_per_actor: int = 2, preserve_order: bool = True):
+    """``ds`` with an ``embedding`` column, computed on a pool of embedder actors.
+
+    ``batch_size`` is the model's forward batch; each actor call gets ``rows_per_call`` rows
+    (default: the dataset split in about two calls per actor, 256 to 1024 rows), which ``encode``
+    sorts by length before batching. The pool has at most ``num_actors`` actors, each with
+    a whole number of torch threads (``plan_pool``); ``cpus_per_actor`` overrides the CPU request.
+    Every input column is kept; with ``preserve_order`` rows come out in input order (the
+    returned dataset gets its own copy of the context, the caller's ``ds`` is not changed).
+    """
     import ray
 
-    from selftaught.runtime import fit_actor_cpus
+    from selftaught.runtime import cluster_cpus
 
-    cpus = fit_actor_cpus(cpus_per_actor, num_actors, reserve=0.25)
-    return ds.map_batches(EmbedBatch, fn_constructor_kwargs={"name": name, "text_column": text_column,
-                                                             "batch_size": batch_size, "num_cpus": cpus},
-                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
-                          num_cpus=cpus, batch_format="numpy")
+    total = cluster_cpus() or 1.0
+    actors, threads = plan_pool(num_actors, total, threads_per_actor, min_threads_per_actor)
+    # Request a little less than the threads' cores so that the feeding tasks still get scheduled.
+    cpus = cpus_per_actor if cpus_per_actor is not None else max(
+        0.1, round(min(float(threads), (total - 0.25) / actors), 2))
+    if rows_per_call is None:
+        n = _known_count(ds)
+        rows_per_call = 512 if n is None else -(-n // (2 * actors))
+        rows_per_call = int(min(max(rows_per_call, 256), 1024))
+    rows_per_call = max(rows_per_call, batch_size)
+    log.info("embedding with %d actor(s) x %d thread(s), %.2f CPUs each, %d rows per call",
+             actors, threads, cpus, rows_per_call)
+    out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"name": name, "text_column": text_column,
+                                                            "batch_size": batch_size, "threads": threads},
+                         batch_size=rows_per_call, compute=ray.data.ActorPoolStrategy(size=actors),
+                         num_cpus=cpus, batch_format="numpy", zero_copy_batch=True)
+    if preserve_order and not out.context.execution_options.preserve_order:
+        ctx = out.context.copy()
+        ctx.execution_options.preserve_order = True
+        out._context = ctx  # this dataset only; ``ds`` keeps its own context
+    return out
+
+
+def _known_count(ds) -> int | None:
+    """Row count when it is known without running anything (a materialized dataset)."""
+    try:
+        from ray.data.dataset import MaterializedDataset
+
+        if isinstance(ds, MaterializedDataset):
+            return ds.count()
+    except Exception:  # noqa: BLE001 - a hint only
+        return None
+    return None
