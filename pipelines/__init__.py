@@ -10,6 +10,7 @@ PIPELINES: dict[str, str] = {
     "quickstart": "pipelines.quickstart",
     "sbp": "pipelines.sbp",
     "s1": "pipelines.s1",
+    "research_search": "pipelines.research_search",
 }
 
 

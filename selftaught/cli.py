@@ -12,6 +12,7 @@
     selftaught research baseline -e toy [--seeds 3]
     selftaught research context -e grpo
     selftaught research serve [-c examples/research/serve.yaml]
+    selftaught research search -c examples/research/search-toy.yaml [--set batch_size=8 ...]
 
 Every command resolves one typed config (file + ``--set`` overrides, unknown keys are errors)
 and prints it on request; ``run`` saves it as ``config.yaml`` in the run directory.
@@ -282,6 +283,22 @@ def cmd_research_serve(args) -> int:
     return _serve_until_interrupted()
 
 
+def cmd_research_search(args) -> int:
+    """Evolutionary search vs best-of-N at equal budget (pipelines/research_search.py)."""
+    from selftaught.config import apply_overrides, load_yaml
+    from pipelines.research_search import SearchConfig, run
+
+    data = load_yaml(args.config) if args.config else {}
+    cfg = SearchConfig.model_validate(apply_overrides(data, list(args.overrides)))
+    summary = run(cfg)
+    for arm, t in summary["arms"].items():
+        print(json.dumps({"arm": arm, **t}, default=str))
+    if summary.get("stopped"):
+        print(f"# stopped by cap {summary['stopped']['cap']}: {summary['stopped']['message']}", file=sys.stderr)
+    print(f"# report: {summary['report']}", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     from selftaught.models import MODEL_SIZES, PACKAGED_MODELS
 
@@ -380,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(r)
     r.add_argument("--port", type=int)
     r.set_defaults(fn=cmd_research_serve)
+    r = rsub.add_parser("search", help="evolutionary search vs best-of-N at equal budget (report.md, MLflow)")
+    _config_args(r, required=True)
+    r.set_defaults(fn=cmd_research_search)
 
     p = sub.add_parser("models", help="list named model sizes and packaged models")
     p.add_argument("--size")

@@ -1,0 +1,577 @@
+"""Execution-guided search over research ideas: evolutionary search against best-of-N at equal
+budget (thesis ch. 4.5, Algorithm 1; the wording and the code are ours).
+
+Each arm runs ``epochs`` epochs of ``batch_size`` (N) executed ideas in its own environment
+run directory (``<run_dir>/<arm>/env``), so results never mix:
+
+- ``evolutionary``: epoch 0 asks for N fresh ideas. Every later epoch t splits N into an
+  exploit share a(t) (variants of ideas that beat the baseline, shown with their results) and
+  an explore share 1 - a(t) (ideas unlike a random sample of everything tried, packed to the
+  ideator's context budget). a(t) follows ``exploit`` (linear from ``start`` at epoch 1 to
+  ``end`` at the last epoch, or constant). Without an idea above the baseline yet, the whole
+  batch explores.
+- ``best_of_n``: N fresh ideas every epoch, no feedback.
+
+Before execution every proposal passes the arm's novelty gate (exact hash + embedding
+similarity against every idea the arm proposed before); a rejected proposal is journaled with
+its neighbour and similarity and never executed, and the ideator is asked again (up to
+``refill_rounds`` rounds per epoch) so that both arms execute N per epoch. When the rounds run
+out the epoch executes fewer and, with ``carry_shortfall``, the next epoch asks for the
+missing ones too: both arms aim at the same total number of executed jobs.
+
+Money and compute go to the run's ledger (``ledger.sqlite``): the ideator's LLM calls as role
+``ideator`` (with the call cache ``llm_cache.sqlite``), each job's GPU/CPU hours with
+``add_compute``. A cap (``caps``) that would be passed stops the run cleanly: state journaled,
+report written, ``stopped`` naming the cap.
+
+Everything lives in ``search.sqlite``: ideator calls, proposals with verdicts and lineage,
+results with their compute, and each arm-epoch's accounting. Rerunning the same command after
+a crash resumes: finished epochs are read back, a half-proposed epoch is proposed again (the
+call cache answers the calls already paid for), and submitted ideas are found in the env's own
+journal by their content-hash ids (never executed twice).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import Field, model_validator
+
+from actors.ideator import IdeatorConfig
+from envs.codebase import ExecutorConfig
+from selftaught.config import RayConfig, Strict, save
+from selftaught.ledger import BudgetCaps, BudgetExceeded
+from selftaught.novelty import NoveltyConfig
+
+log = logging.getLogger(__name__)
+
+ARMS = ("evolutionary", "best_of_n")
+
+
+class AnnealConfig(Strict):
+    """The exploit share a(t) of epochs t >= 1 (epoch 0 is all fresh ideas)."""
+
+    schedule: Literal["linear", "constant"] = "linear"
+    start: float = Field(default=0.5, ge=0, le=1)  # at epoch 1
+    end: float = Field(default=0.9, ge=0, le=1)  # at the last epoch (linear)
+
+    def share(self, t: int, epochs: int) -> float:
+        if t < 1:
+            return 0.0
+        if self.schedule == "constant" or epochs <= 2:
+            return self.start
+        return self.start + (self.end - self.start) * (t - 1) / (epochs - 2)
+
+
+class SearchConfig(Strict):
+    """``selftaught research search -c FILE``."""
+
+    pipeline: Literal["research_search"] = "research_search"
+    run_dir: str = "runs/research/search"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    # the environment (as in ResearchConfig); executor.run_dir is chosen per arm
+    env: str = "toy"
+    env_dir: str | None = None
+    spec_file: str = "env.yaml"
+    spec_overrides: list[str] = Field(default_factory=list)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    ideator: IdeatorConfig = Field(default_factory=IdeatorConfig)
+    context: Literal["task", "full"] = "task"  # task: env.task_text() (small models); full: env.context()
+    novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)
+    arms: list[Literal["evolutionary", "best_of_n"]] = Field(default_factory=lambda: list(ARMS))
+    batch_size: int = Field(default=4, ge=1)  # N: executed ideas per arm per epoch
+    epochs: int = Field(default=3, ge=1)  # epochs per arm, epoch 0 included
+    exploit: AnnealConfig = Field(default_factory=AnnealConfig)
+    refill_rounds: int = Field(default=3, ge=1)  # ideator rounds per epoch to replace rejected ideas
+    carry_shortfall: bool = True  # ideas an epoch could not get are asked for in the next one
+    caps: BudgetCaps = Field(default_factory=BudgetCaps)
+    estimate_prompt_tokens: int | None = Field(default=None, ge=1)  # default: measured from the prompt
+    job_timeout_s: float | None = Field(default=None, gt=0)  # per epoch batch
+    seed: int = 0
+    mlflow: bool = True
+    top_k: int = Field(default=5, ge=0)  # ideas shown in the report
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchConfig":
+        if self.executor.run_dir is not None:
+            raise ValueError("executor.run_dir is chosen per arm (<run_dir>/<arm>/env); leave it unset")
+        if len(set(self.arms)) != len(self.arms) or not self.arms:
+            raise ValueError("arms: one or both of evolutionary, best_of_n, each once")
+        return self
+
+
+CONFIG = SearchConfig
+
+
+# --------------------------------------------------------------------------- journal
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, arm TEXT, epoch INTEGER, round INTEGER,
+  mode TEXT, seed INTEGER, requested INTEGER, returned INTEGER, usd REAL, tokens INTEGER, report TEXT, time REAL);
+CREATE TABLE IF NOT EXISTS proposals (seq INTEGER PRIMARY KEY AUTOINCREMENT, arm TEXT, epoch INTEGER,
+  round INTEGER, mode TEXT, idea_id TEXT, idea TEXT, novel INTEGER, verdict TEXT, time REAL);
+CREATE TABLE IF NOT EXISTS results (arm TEXT, idea_id TEXT, epoch INTEGER, status TEXT, reward REAL,
+  result TEXT, gpu_hours REAL, cpu_hours REAL, charged INTEGER DEFAULT 0, mlflow_run TEXT, time REAL,
+  PRIMARY KEY (arm, idea_id));
+CREATE TABLE IF NOT EXISTS epochs (arm TEXT, epoch INTEGER, state TEXT, plan TEXT, stats TEXT,
+  PRIMARY KEY (arm, epoch));
+"""
+
+
+class SearchJournal:
+    """The search's SQLite journal (WAL; one transaction per write)."""
+
+    def __init__(self, path: Path):
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_SCHEMA)
+
+    def x(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        rows = self.x("SELECT value FROM meta WHERE key=?", (key,))
+        return json.loads(rows[0][0]) if rows else default
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.x("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, json.dumps(value, default=str)))
+
+    def epoch(self, arm: str, t: int) -> tuple[str | None, dict, dict]:
+        rows = self.x("SELECT state, plan, stats FROM epochs WHERE arm=? AND epoch=?", (arm, t))
+        if not rows:
+            return None, {}, {}
+        s, p, st = rows[0]
+        return s, json.loads(p or "{}"), json.loads(st or "{}")
+
+    def set_epoch(self, arm: str, t: int, state: str, plan: dict | None = None, stats: dict | None = None) -> None:
+        _, p0, s0 = self.epoch(arm, t)
+        self.x("INSERT OR REPLACE INTO epochs VALUES (?,?,?,?,?)",
+               (arm, t, state, json.dumps(plan if plan is not None else p0), json.dumps(stats or s0, default=str)))
+
+    def proposals(self, arm: str, epoch: int | None = None, before: int | None = None,
+                  novel: bool | None = None) -> list[dict]:
+        sql, args = "SELECT epoch, round, mode, idea, novel, verdict FROM proposals WHERE arm=?", [arm]
+        if epoch is not None:
+            sql += " AND epoch=?"
+            args.append(epoch)
+        if before is not None:
+            sql += " AND epoch<?"
+            args.append(before)
+        if novel is not None:
+            sql += " AND novel=?"
+            args.append(int(novel))
+        return [{**json.loads(i), "epoch": e, "round": r, "mode": m, "novel": bool(n), "verdict": json.loads(v)}
+                for e, r, m, i, n, v in self.x(sql + " ORDER BY seq", tuple(args))]
+
+    def results(self, arm: str, before: int | None = None) -> list[dict]:
+        sql, args = "SELECT idea_id, epoch, result, gpu_hours, cpu_hours, charged, mlflow_run FROM results WHERE arm=?", [arm]
+        if before is not None:
+            sql += " AND epoch<?"
+            args.append(before)
+        return [{"idea_id": i, "epoch": e, "result": json.loads(r), "gpu_hours": g, "cpu_hours": c,
+                 "charged": bool(ch), "mlflow_run": m} for i, e, r, g, c, ch, m in self.x(sql, tuple(args))]
+
+
+# --------------------------------------------------------------------------- helpers
+def _seed(*parts: Any) -> int:
+    return int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:15], 16)
+
+
+def job_hours(res: dict[str, Any], spec_cpus: float, spec_gpus: int) -> tuple[float, float]:
+    """(gpu_hours, cpu_hours) of one executed job: its devices times its run + evaluate seconds
+    (the wall time from submission when the stages were not timed)."""
+    r = res.get("resources") or {}
+    secs = float(r.get("run_s") or 0.0) + float(r.get("eval_s") or 0.0)
+    if secs <= 0:
+        secs = float(res.get("wall_s") or 0.0)
+    def count(v: Any, default: float) -> float:  # a number, or a list of device ids
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, (list, tuple)):
+            return float(len(v))
+        return float(default or 0.0)
+
+    cpus = count(r.get("cpus"), spec_cpus) or float(spec_cpus or 0.0)
+    gpus = count(r.get("gpus"), spec_gpus)
+    return gpus * secs / 3600.0, cpus * secs / 3600.0
+
+
+def _ideator_cfg(cfg: SearchConfig, run_dir: Path, ledger_path: str) -> IdeatorConfig:
+    ic = cfg.ideator
+    upd_llm = {"role": "ideator", "cache": ic.llm.cache or str(run_dir / "llm_cache.sqlite"), "ledger": ledger_path}
+    upd: dict[str, Any] = {"llm": ic.llm.model_copy(update=upd_llm),
+                           "ensemble": [m.model_copy(update={"llm": m.llm.model_copy(update=upd_llm)})
+                                        for m in ic.ensemble]}
+    if ic.sampling.seed is None:  # per-call seeds: distinct requests per call, identical on resume
+        upd["sampling"] = ic.sampling.model_copy(update={"seed": cfg.seed})
+    if ic.seed is None:
+        upd["seed"] = cfg.seed
+    return ic.model_copy(update=upd)
+
+
+class _Stop(Exception):
+    def __init__(self, cap: str, message: str):
+        super().__init__(message)
+        self.cap, self.message = cap, message
+
+
+# --------------------------------------------------------------------------- the search
+class Search:
+    def __init__(self, cfg: SearchConfig, after_epoch: Callable[[str, int, dict], None] | None = None):
+        from actors.ideator import Ideator
+        from selftaught.ledger import Ledger
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save(cfg, self.run_dir / "config.yaml")
+        self.after_epoch = after_epoch
+        self.ledger = Ledger.for_run(self.run_dir, cfg.caps)
+        self.icfg = _ideator_cfg(cfg, self.run_dir, self.ledger.path)
+        # a local engine shares the CPUs with the jobs: give it its own thread budget
+        self.ideator = Ideator(self.icfg, num_cpus=self.icfg.engine.cpus_per_actor
+                               if self.icfg.backend == "local" else None)
+        self.journal = SearchJournal(self.run_dir / "search.sqlite")
+        self.envs: dict[str, Any] = {}
+        self.scheduler = None
+        self.recorder = None
+        self.parents: dict[str, str] = {}
+        self.gates: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def open(self) -> None:
+        from actors.scheduler import Scheduler
+        from envs.codebase import load_dir, load_packaged
+        from selftaught.runtime import init_ray
+
+        init_ray(self.cfg.ray)
+        self.scheduler = Scheduler(self.cfg.executor.scheduler)
+        for arm in self.cfg.arms:
+            ex = self.cfg.executor.model_copy(update={"run_dir": str(self.run_dir / arm / "env")})
+            load = (lambda: load_dir(self.cfg.env_dir, self.cfg.spec_file, self.cfg.spec_overrides, ex,
+                                     scheduler=self.scheduler)) if self.cfg.env_dir else \
+                (lambda: load_packaged(self.cfg.env, self.cfg.spec_file, self.cfg.spec_overrides, ex,
+                                       scheduler=self.scheduler))
+            self.envs[arm] = load()
+        env = self.envs[self.cfg.arms[0]]
+        self.schema = env.idea_schema()
+        self.context = env.task_text() if self.cfg.context == "task" else env.context()
+        base = env.baseline()
+        self.baseline = float(base["mean"]) if base else None
+        if self.cfg.mlflow:
+            from selftaught.research_record import MlflowRecorder
+
+            self.recorder = MlflowRecorder(self.run_dir)
+            parents = self.journal.meta("mlflow_parents", {})
+            for arm in self.cfg.arms:
+                if arm not in parents:
+                    parents[arm] = self.recorder.arm_run(arm, {"batch_size": self.cfg.batch_size,
+                                                               "epochs": self.cfg.epochs, "env": env.name,
+                                                               "exploit": self.cfg.exploit.model_dump_json()})
+            self.journal.set_meta("mlflow_parents", parents)
+            self.parents = parents
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing env")
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+
+    def estimate(self) -> dict[str, Any]:
+        """Worst-case ideator dollars of the whole search (every refill round used)."""
+        c, ic = self.cfg, self.icfg
+        per_epoch_calls = math.ceil(c.batch_size / ic.batch_size) * 2  # exploit + explore calls at most
+        calls = per_epoch_calls * c.refill_rounds * c.epochs * len(c.arms)
+        prompt = c.estimate_prompt_tokens or (len(self.context) + ic.explore_budget_chars + 2000) // 4
+        out: dict[str, Any] = {"calls": calls, "prompt_tokens": prompt, "max_tokens": ic.sampling.max_new_tokens,
+                               "jobs": c.batch_size * c.epochs * len(c.arms)}
+        if ic.backend == "local":
+            out.update(usd=0.0, per_call_usd=0.0, fits=True, note="local backend: no LLM dollars")
+        else:
+            try:
+                out.update(self.ledger.estimate(calls, prompt, ic.sampling.max_new_tokens, ic.llm, role="ideator"))
+            except Exception as e:  # noqa: BLE001 - an unpriced model: the client refuses it anyway
+                out.update(usd=None, error=str(e))
+        return out
+
+    # ------------------------------------------------------------------ one arm-epoch
+    def _gate(self, arm: str, t: int):
+        from selftaught.novelty import NoveltyGate
+
+        gate = NoveltyGate(self.cfg.novelty)
+        for p in self.journal.proposals(arm, before=t):
+            gate.add(p["id"], p.get("text") or "", p.get("knobs"))
+        return gate
+
+    def _history(self, arm: str, t: int) -> list[dict[str, Any]]:
+        by_id = {p["id"]: p for p in self.journal.proposals(arm, before=t, novel=True)}
+        out = []
+        for r in self.journal.results(arm, before=t):
+            p = by_id.get(r["idea_id"], {})
+            res = r["result"]
+            out.append({"id": r["idea_id"], "text": p.get("text") or "", "knobs": p.get("knobs"),
+                        "reward": res.get("reward"), "status": res.get("status"), "metrics": res.get("metrics")})
+        return out
+
+    def _positives(self, hist: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ok = [h for h in hist if h["status"] == "ok"]
+        return ok if self.baseline is None else [h for h in ok if h["reward"] > self.baseline]
+
+    def _check_llm(self, calls: int) -> None:
+        """Stop before a round of ideator calls that the caps could not pay for."""
+        if self.icfg.backend == "local":
+            return
+        from selftaught.llm import worst_case_cost
+
+        prompt = self.cfg.estimate_prompt_tokens or (len(self.context) + 2000) // 4
+        per = worst_case_cost(self.icfg.llm, prompt, self.icfg.sampling.max_new_tokens)
+        self.ledger.check_usd("ideator", per * calls)
+
+    def _plan(self, arm: str, t: int, hist: list[dict[str, Any]]) -> dict[str, Any]:
+        c = self.cfg
+        executed_before = len(self.journal.results(arm, before=t))
+        owed = max(0, c.batch_size * t - executed_before) if c.carry_shortfall else 0
+        target = c.batch_size + owed
+        if arm == "best_of_n" or t == 0:
+            return {"target": target, "owed": owed, "exploit_share": 0.0 if arm == "evolutionary" else None,
+                    "modes": {"fresh": target}}
+        a = c.exploit.share(t, c.epochs)
+        pos = self._positives(hist)
+        n_exp = math.floor(a * target) if pos else 0
+        return {"target": target, "owed": owed, "exploit_share": a, "positives": len(pos),
+                "modes": {"exploit": n_exp, "explore": target - n_exp}}
+
+    def _propose(self, arm: str, t: int, plan: dict[str, Any], hist: list[dict[str, Any]]) -> None:
+        self.journal.x("DELETE FROM proposals WHERE arm=? AND epoch=?", (arm, t))  # a half-proposed epoch
+        gate = self._gate(arm, t)
+        got = {m: 0 for m in plan["modes"]}
+        pos = self._positives(hist)
+        bs = self.icfg.batch_size
+        for rnd in range(self.cfg.refill_rounds):
+            for mode, want in plan["modes"].items():
+                need = want - got[mode]
+                if need <= 0:
+                    continue
+                self._check_llm(math.ceil(need / bs))
+                shown = pos if mode == "exploit" else hist if mode == "explore" else []
+                seed = _seed(self.cfg.seed, arm, t, mode, rnd)
+                before = self.ideator.stats()
+                ideas = self.ideator.propose(mode, self.context, shown, n=need, schema=self.schema, seed=seed)
+                after = self.ideator.stats()
+                rep = dict(self.ideator.last)
+                usd = after["cost_usd"] - before["cost_usd"]
+                tokens = (after["prompt_tokens"] + after["completion_tokens"]
+                          - before["prompt_tokens"] - before["completion_tokens"])
+                self.journal.x("INSERT INTO calls (arm, epoch, round, mode, seed, requested, returned, usd, tokens, "
+                               "report, time) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                               (arm, t, rnd, mode, seed, need, len(ideas), usd, tokens, json.dumps(rep), time.time()))
+                if rep.get("failed_calls"):
+                    self._check_llm(1)  # a refused call (cap) stops the run; an outage just loses ideas
+                for d in ideas:
+                    v = gate.admit(d["id"], d.get("text") or "", d.get("knobs"))
+                    self.journal.x("INSERT INTO proposals (arm, epoch, round, mode, idea_id, idea, novel, verdict, "
+                                   "time) VALUES (?,?,?,?,?,?,?,?,?)",
+                                   (arm, t, rnd, mode, d["id"], json.dumps(d, default=str), int(v.novel),
+                                    json.dumps(v.to_dict()), time.time()))
+                    if v.novel and got[mode] < want:
+                        got[mode] += 1
+            if all(got[m] >= w for m, w in plan["modes"].items()):
+                break
+        plan["admitted"] = got
+        self.journal.set_epoch(arm, t, "proposed", plan)
+
+    def _compute_fit(self, arm: str, n: int) -> tuple[int, BudgetExceeded | None]:
+        """How many of ``n`` jobs the compute caps let start (hours estimated from jobs so far)."""
+        snap = self.ledger.snapshot()["total"]
+        done = max(int(snap.get("jobs") or 0), 1)
+        gh, ch = float(snap.get("gpu_hours") or 0) / done, float(snap.get("cpu_hours") or 0) / done
+        for k in range(n, 0, -1):
+            try:
+                self.ledger.check_compute(arm, gpu_hours=gh * k, cpu_hours=ch * k, jobs=k)
+                return k, None if k == n else self._refusal(gh, ch, n)
+            except BudgetExceeded as e:
+                last = e
+        return 0, last if n else None
+
+    def _refusal(self, gh: float, ch: float, n: int) -> BudgetExceeded | None:
+        try:
+            self.ledger.check_compute(None, gpu_hours=gh * n, cpu_hours=ch * n, jobs=n)
+        except BudgetExceeded as e:
+            return e
+        return None
+
+    def _execute(self, arm: str, t: int) -> None:
+        from actors.ideator import to_idea
+
+        env = self.envs[arm]
+        done = {r["idea_id"] for r in self.journal.results(arm)}
+        admitted = [p for p in self.journal.proposals(arm, epoch=t, novel=True) if p["id"] not in done]
+        k, refusal = self._compute_fit(arm, len(admitted))
+        run = admitted[:k]
+        if run:
+            ideas = [to_idea(p) for p in run]
+            for p, i in zip(run, ideas):
+                assert i.id == p["id"], (i.id, p["id"])
+            ids = env.submit(ideas)
+            by_id = {p["id"]: p for p in run}
+            for res in env.stream(ids, timeout_s=self.cfg.job_timeout_s):
+                self._record(arm, t, by_id[res.idea_id], res)
+        self._charge(arm)
+        if refusal is not None:
+            raise refusal
+
+    def _record(self, arm: str, t: int, prop: dict[str, Any], res) -> None:
+        env = self.envs[arm]
+        d = res.to_dict()
+        gh, ch = job_hours(d, env.spec.resources.cpus, env.spec.resources.gpus)
+        self.journal.x("INSERT OR IGNORE INTO results (arm, idea_id, epoch, status, reward, result, gpu_hours, "
+                       "cpu_hours, time) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (arm, res.idea_id, t, res.status, res.reward, json.dumps(d, default=str), gh, ch, time.time()))
+
+    def _charge(self, arm: str) -> None:
+        """Compute of recorded results to the ledger (once: ``charged``) and to MLflow."""
+        env = self.envs[arm]
+        for r in self.journal.results(arm):
+            if not r["charged"]:
+                self.ledger.add_compute(f"{env.name}:{arm}", gpu_hours=r["gpu_hours"], cpu_hours=r["cpu_hours"],
+                                        jobs=1)
+                self.journal.x("UPDATE results SET charged=1 WHERE arm=? AND idea_id=?", (arm, r["idea_id"]))
+        if self.recorder is None:
+            return
+        props = {p["id"]: p for p in self.journal.proposals(arm, novel=True)}
+        for r in self.journal.results(arm):
+            if r["mlflow_run"]:
+                continue
+            p = props.get(r["idea_id"], {"id": r["idea_id"]})
+            rid = self.recorder.log_idea(self.parents[arm], arm, r["epoch"], p, r["result"],
+                                         {"gpu_hours": r["gpu_hours"], "cpu_hours": r["cpu_hours"],
+                                          "ideator_cost_usd": p.get("cost_usd") or 0.0})
+            self.journal.x("UPDATE results SET mlflow_run=? WHERE arm=? AND idea_id=?", (rid, arm, r["idea_id"]))
+
+    def epoch_stats(self, arm: str, t: int) -> dict[str, Any]:
+        _, plan, _ = self.journal.epoch(arm, t)
+        res = [r for r in self.journal.results(arm) if r["epoch"] == t]
+        upto = [r for r in self.journal.results(arm) if r["epoch"] <= t]
+        ok = [r["result"]["reward"] for r in res if r["result"]["status"] == "ok"]
+        ok_all = [r["result"]["reward"] for r in upto if r["result"]["status"] == "ok"]
+        props = self.journal.proposals(arm, epoch=t)
+        usd = self.journal.x("SELECT COALESCE(SUM(usd),0), COALESCE(SUM(tokens),0), COUNT(*) FROM calls "
+                             "WHERE arm=? AND epoch=?", (arm, t))[0]
+        modes: dict[str, int] = {}
+        for p in props:
+            if p["novel"] and p["id"] in {r["idea_id"] for r in res}:
+                modes[p["mode"]] = modes.get(p["mode"], 0) + 1
+        return {"epoch": t, "target": plan.get("target"), "exploit_share": plan.get("exploit_share"),
+                "planned": plan.get("modes"), "modes": modes, "executed": len(res), "ok": len(ok),
+                "best": max(ok, default=None), "mean_reward": sum(ok) / len(ok) if ok else None,
+                "best_so_far": max(ok_all, default=None), "proposed": len(props),
+                "rejected": sum(not p["novel"] for p in props), "jobs": len(res),
+                "gpu_hours": sum(r["gpu_hours"] for r in res), "cpu_hours": sum(r["cpu_hours"] for r in res),
+                "usd": float(usd[0]), "tokens": int(usd[1]), "ideator_calls": int(usd[2]),
+                "shortfall": max(0, (plan.get("target") or 0) - len(res))}
+
+    def run_epoch(self, arm: str, t: int) -> dict[str, Any]:
+        state, plan, stats = self.journal.epoch(arm, t)
+        if state == "done":
+            return stats
+        hist = self._history(arm, t)
+        if state != "proposed":
+            plan = self._plan(arm, t, hist)
+            self._propose(arm, t, plan, hist)
+        self._execute(arm, t)
+        stats = self.epoch_stats(arm, t)
+        self.journal.set_epoch(arm, t, "done", stats=stats)
+        log.info("%s epoch %d: %s", arm, t, {k: stats[k] for k in ("executed", "ok", "best_so_far", "usd")})
+        if self.after_epoch is not None:
+            self.after_epoch(arm, t, stats)
+        return stats
+
+    # ------------------------------------------------------------------ whole run
+    def run(self) -> dict[str, Any]:
+        self.open()
+        stopped = None
+        try:
+            est = self.estimate()
+            self.journal.set_meta("estimate", est)
+            log.info("search estimate: %s", est)
+            print(f"# estimate: up to {est.get('usd')} USD over {est['calls']} ideator calls, "
+                  f"{est['jobs']} jobs; remaining under the cap: {est.get('remaining_usd')}", flush=True)
+            for t in range(self.cfg.epochs):
+                for arm in self.cfg.arms:
+                    self.run_epoch(arm, t)
+            self.journal.set_meta("stopped", None)
+        except (BudgetExceeded, _Stop) as e:
+            stopped = {"cap": e.cap, "message": str(e)}
+            for arm in self.cfg.arms:  # results that landed before the stop still count and are logged
+                self._charge(arm)
+            self.journal.set_meta("stopped", stopped)
+            log.warning("search stopped by cap %s: %s", e.cap, e)
+        finally:
+            try:
+                summary = self.report(stopped)
+            finally:
+                self.close()
+        return summary
+
+    def report(self, stopped: dict | None) -> dict[str, Any]:
+        from selftaught.research_record import write_report
+
+        epochs: dict[str, list[dict]] = {}
+        arms: dict[str, dict] = {}
+        rejected: dict[str, int] = {}
+        top = []
+        for arm in self.cfg.arms:
+            rows = []
+            for t in range(self.cfg.epochs):
+                state, _, st = self.journal.epoch(arm, t)
+                if state is None:
+                    break
+                rows.append(st if state == "done" else self.epoch_stats(arm, t))
+            epochs[arm] = rows
+            res = self.journal.results(arm)
+            ok = [r["result"]["reward"] for r in res if r["result"]["status"] == "ok"]
+            usd = self.journal.x("SELECT COALESCE(SUM(usd),0) FROM calls WHERE arm=?", (arm,))[0][0]
+            arms[arm] = {"executed": len(res), "ok": len(ok), "completion_rate": len(ok) / len(res) if res else None,
+                         "best": max(ok, default=None), "jobs": len(res),
+                         "gpu_hours": sum(r["gpu_hours"] for r in res), "cpu_hours": sum(r["cpu_hours"] for r in res),
+                         "usd": float(usd)}
+            props = {p["id"]: p for p in self.journal.proposals(arm, novel=True)}
+            rejected[arm] = len(self.journal.proposals(arm, novel=False))
+            for r in res:
+                if r["result"]["status"] == "ok":
+                    p = props.get(r["idea_id"], {})
+                    top.append({"arm": arm, "epoch": r["epoch"], "mode": p.get("mode"), "idea_id": r["idea_id"],
+                                "reward": r["result"]["reward"], "text": p.get("text"), "knobs": p.get("knobs"),
+                                "shown_ids": p.get("shown_ids"), "edit": r["result"].get("edit")})
+        top.sort(key=lambda x: -x["reward"])
+        env = next(iter(self.envs.values()), None)
+        summary = {"run_dir": str(self.run_dir), "env": env.name if env else self.cfg.env,
+                   "batch_size": self.cfg.batch_size, "epochs": self.cfg.epochs,
+                   "ideator": f"{self.icfg.backend}:{self.ideator.model_name()}",
+                   "baseline": getattr(self, "baseline", None), "stopped": stopped,
+                   "estimate": self.journal.meta("estimate"), "arms": arms, "epoch_stats": epochs,
+                   "ledger": self.ledger.snapshot(), "mlflow": str(self.run_dir / "mlruns") if self.recorder else None,
+                   "mlflow_backend": self.recorder.backend if self.recorder else None}
+        summary["report"] = str(write_report(self.run_dir, summary, epochs, top[: self.cfg.top_k], rejected))
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        return summary
+
+
+def run(cfg: SearchConfig | dict, after_epoch: Callable[[str, int, dict], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the search; returns the summary (also ``summary.json``) with the
+    report's path. ``after_epoch(arm, epoch, stats)`` is called after each arm-epoch."""
+    cfg = cfg if isinstance(cfg, SearchConfig) else SearchConfig.model_validate(cfg)
+    return Search(cfg, after_epoch).run()

@@ -1,0 +1,200 @@
+"""The research search (pipelines/research_search.py) on the toy environment with a mocked
+litellm ideator: the exploit/explore split and its annealing, equal budget between arms, the
+novelty gate, caps, resume after the driver dies, and the MLflow store."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import sqlite3
+import threading
+from pathlib import Path
+
+import litellm
+import pytest
+
+from pipelines.research_search import AnnealConfig, SearchConfig, run
+
+FIXED = {"lr": 0.1, "steps": 30}  # every answer starts with it: the novelty gate must stop the repeats
+DOLLAR = {"input_price_per_mtok": 1.0, "output_price_per_mtok": 2.0}
+
+
+class _Kill(BaseException):
+    """Stands for the driver being killed (not an Exception: nothing on the way catches it)."""
+
+
+@pytest.fixture
+def mock_llm(monkeypatch):
+    """litellm answers computed from the request's seed: distinct per call, identical for an
+    identical request. ``state["kill_at"]`` kills the driver at that call."""
+    real = litellm.completion
+    state = {"n": 0, "kill_at": None}
+    lock = threading.Lock()
+
+    def fake(**kw):
+        with lock:
+            state["n"] += 1
+            n = state["n"]
+        if state["kill_at"] is not None and n >= state["kill_at"]:
+            raise _Kill(f"driver killed at call {n}")
+        m = re.search(r"JSON list of (\d+) objects", kw["messages"][-1]["content"])
+        k = int(m.group(1)) if m else 1
+        rng = random.Random(kw.get("seed"))
+        ideas = [{"lr": round(rng.uniform(0.05, 0.5), 4), "steps": rng.randint(20, 60)} for _ in range(k)]
+        if k > 1:  # batches of two or more repeat FIXED; single-idea refills are fresh
+            ideas[0] = FIXED
+        return real(**{**kw, "mock_response": json.dumps(ideas)})
+
+    monkeypatch.setattr(litellm, "completion", fake)
+    return state
+
+
+def _cfg(tmp_path, name="run", **kw) -> SearchConfig:
+    base = {"run_dir": str(tmp_path / name), "env": "toy",
+            "executor": {"scheduler": {"max_slots": 2, "placement_timeout_s": 10}},
+            "ideator": {"backend": "litellm", "batch_size": 3, "max_rounds": 1,
+                        "llm": {"model": "openai/mock-ideator", "mock_response": "[]", "max_retries": 0, **DOLLAR}},
+            "novelty": {"embedder": None}, "batch_size": 3, "epochs": 3,
+            "exploit": {"start": 0.5, "end": 0.9}, "refill_rounds": 3, "job_timeout_s": 120}
+    base.update(kw)
+    return SearchConfig.model_validate(base)
+
+
+def _env_rows(run_dir: Path, arm: str) -> list[tuple]:
+    con = sqlite3.connect(run_dir / arm / "env" / "journal.sqlite")
+    try:
+        return con.execute("SELECT idea_id, state FROM ideas").fetchall()
+    finally:
+        con.close()
+
+
+def _queued_events(run_dir: Path, arm: str) -> dict[str, int]:
+    con = sqlite3.connect(run_dir / arm / "env" / "journal.sqlite")
+    try:
+        rows = con.execute("SELECT idea_id, COUNT(*) FROM events WHERE event='queued' GROUP BY idea_id").fetchall()
+    finally:
+        con.close()
+    return dict(rows)
+
+
+def _mlflow_children(run_dir: Path) -> list[Path]:
+    out = []
+    for meta in (run_dir / "mlruns").glob("*/*/meta.yaml"):
+        if (meta.parent / "tags" / "mlflow.parentRunId").exists():
+            out.append(meta.parent)
+    return out
+
+
+def test_anneal_schedule():
+    a = AnnealConfig(start=0.5, end=0.9)
+    assert [round(a.share(t, 5), 3) for t in range(5)] == [0.0, 0.5, 0.633, 0.767, 0.9]
+    assert AnnealConfig(schedule="constant", start=0.6).share(3, 5) == 0.6
+    with pytest.raises(ValueError, match="run_dir"):
+        SearchConfig.model_validate({"executor": {"run_dir": "x"}})
+
+
+def test_example_configs_validate():
+    from selftaught.config import load_yaml
+
+    for name in ("search-toy.yaml", "search-nanogpt.yaml"):
+        cfg = SearchConfig.model_validate(load_yaml(Path("examples/research") / name))
+        assert cfg.ideator.backend == "local" and cfg.arms == ["evolutionary", "best_of_n"]
+
+
+def test_search_arms_split_novelty_budget_and_mlflow(ray_cluster, tmp_path, mock_llm):
+    cfg = _cfg(tmp_path)
+    s = run(cfg)
+    run_dir = Path(cfg.run_dir)
+    assert s["stopped"] is None
+    evo, bon = s["epoch_stats"]["evolutionary"], s["epoch_stats"]["best_of_n"]
+    # equal budget: N executed per epoch per arm, same totals
+    assert [e["executed"] for e in evo] == [3, 3, 3] == [e["executed"] for e in bon]
+    assert s["arms"]["evolutionary"]["jobs"] == s["arms"]["best_of_n"]["jobs"] == 9
+    # the split: epoch 0 fresh, then floor(a(t) N) exploit with a annealed 0.5 -> 0.9
+    assert evo[0]["planned"] == {"fresh": 3} and evo[0]["modes"] == {"fresh": 3}
+    assert evo[1]["exploit_share"] == 0.5 and evo[1]["planned"] == {"exploit": 1, "explore": 2}
+    assert evo[2]["exploit_share"] == pytest.approx(0.9) and evo[2]["planned"] == {"exploit": 2, "explore": 1}
+    assert evo[2]["modes"] == {"exploit": 2, "explore": 1}
+    assert all(e["planned"] == {"fresh": 3} for e in bon)
+    # novelty gate: the repeated FIXED idea is rejected with its neighbour and never run again
+    from pipelines.research_search import SearchJournal
+
+    j = SearchJournal(run_dir / "search.sqlite")
+    for arm in ("evolutionary", "best_of_n"):
+        props = j.proposals(arm)
+        fixed = [p for p in props if p["knobs"] == FIXED]
+        assert fixed[0]["novel"] and len(fixed) > 1
+        first_id = fixed[0]["id"]
+        for p in fixed[1:]:
+            assert not p["novel"] and p["verdict"]["reason"] == "exact_duplicate"
+            assert p["verdict"]["neighbour"] == first_id and p["verdict"]["similarity"] == 1.0
+        rows = _env_rows(run_dir, arm)
+        assert len(rows) == 9 and sum(r[0] == first_id for r in rows) == 1
+    # lineage: exploit ideas show ideas of earlier epochs that beat the baseline
+    earlier = {p["id"] for p in j.proposals("evolutionary", before=2, novel=True)}
+    for p in j.proposals("evolutionary", epoch=2, novel=True):
+        if p["mode"] == "exploit":
+            assert p["shown_ids"] and set(p["shown_ids"]) <= earlier
+    # accounting: jobs and hours per arm in the ledger, dollars per arm per epoch
+    led = s["ledger"]
+    assert led["total"]["jobs"] == 18 and led["envs"]["toy:evolutionary"]["jobs"] == 9
+    assert led["envs"]["toy:best_of_n"]["cpu_hours"] > 0
+    assert all(e["usd"] > 0 and e["cpu_hours"] > 0 for e in evo + bon)
+    assert led["roles"]["ideator"]["usd"] == pytest.approx(s["arms"]["evolutionary"]["usd"]
+                                                          + s["arms"]["best_of_n"]["usd"])
+    # report and MLflow: one nested run per executed idea, each with a reward metric
+    report = (run_dir / "report.md").read_text()
+    assert "evolutionary" in report and "best_of_n" in report and "Baseline" in report
+    assert (run_dir / "search.png").stat().st_size > 0 and "```diff" in report
+    kids = _mlflow_children(run_dir)
+    assert len(kids) == 18
+    for k in kids:
+        assert (k / "metrics" / "reward").exists() and (k / "params" / "mode").exists()
+        assert (k / "artifacts" / "idea.json").exists()
+
+
+def test_resume_after_driver_killed(ray_cluster, tmp_path, mock_llm):
+    cfg = _cfg(tmp_path, "resume", epochs=2)
+    mock_llm["kill_at"] = 4  # epoch 0: one call per arm; epoch 1 evolutionary: exploit ok, explore killed
+    with pytest.raises(_Kill):
+        run(cfg)
+    run_dir = Path(cfg.run_dir)
+    from selftaught.ledger import Ledger
+
+    paid_before = Ledger.for_run(run_dir).snapshot()["roles"]["ideator"]
+    calls_before = mock_llm["n"]
+    mock_llm["kill_at"] = None
+    s = run(cfg)
+    assert s["stopped"] is None
+    assert [e["executed"] for e in s["epoch_stats"]["evolutionary"]] == [3, 3]
+    assert [e["executed"] for e in s["epoch_stats"]["best_of_n"]] == [3, 3]
+    for arm in ("evolutionary", "best_of_n"):
+        q = _queued_events(run_dir, arm)
+        assert len(q) == 6 and set(q.values()) == {1}  # every idea executed exactly once
+    role = s["ledger"]["roles"]["ideator"]
+    assert role["cache_hits"] >= 1  # the re-proposed exploit call was answered by the cache
+    assert paid_before["calls"] == 3 and role["calls"] == 3 + (mock_llm["n"] - calls_before)  # none paid twice
+    assert s["ledger"]["total"]["jobs"] == 12  # no compute charged twice
+    assert len(_mlflow_children(run_dir)) == 12
+
+
+def test_cost_cap_stops_cleanly(ray_cluster, tmp_path, mock_llm):
+    cfg = _cfg(tmp_path, "cap", caps={"total_usd": 0.001},
+               ideator={"backend": "litellm", "batch_size": 3, "max_rounds": 1,
+                        "llm": {"model": "openai/mock-ideator", "mock_response": "[]", "max_retries": 0,
+                                "input_price_per_mtok": 1e6, "output_price_per_mtok": 1e6}})
+    s = run(cfg)
+    assert s["stopped"]["cap"] in ("total_usd", "role_usd[ideator]")
+    assert s["estimate"]["usd"] > 0.001 and s["estimate"]["fits"] is False
+    assert mock_llm["n"] == 0 and s["ledger"]["total"]["jobs"] == 0
+    report = (Path(cfg.run_dir) / "report.md").read_text()
+    assert "Stopped early" in report and "total_usd" in report
+
+
+def test_jobs_cap_stops_mid_epoch(ray_cluster, tmp_path, mock_llm):
+    cfg = _cfg(tmp_path, "jobs", caps={"jobs": 4}, epochs=2)
+    s = run(cfg)
+    assert s["stopped"]["cap"] == "jobs"
+    assert s["ledger"]["total"]["jobs"] == 4
+    assert s["arms"]["evolutionary"]["executed"] == 3 and s["arms"]["best_of_n"]["executed"] == 1
+    assert "Stopped early" in (Path(cfg.run_dir) / "report.md").read_text()
