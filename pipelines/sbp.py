@@ -456,7 +456,7 @@ def quality_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, pairing: Stage, sy
     from selftaught.text import quality_figures
 
     shingles = {"shingle_n": cfg.synthesis.shingle_n, "pair_shingle_n": cfg.pairing.shingle_n}
-    st = run.stage(name, {"sample": cfg.quality_sample, **shingles}, deps=[synthesis, pairing],
+    st = run.stage(name, {"sample": cfg.quality_sample, **shingles, "figures": 2}, deps=[synthesis, pairing],
                    inputs={"plan": synthesis.outputs.get("plan")})  # a top-up changes the set, not the hash
     if st.up_to_date():
         return st
@@ -475,6 +475,10 @@ def quality_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, pairing: Stage, sy
         "synthetic_documents": len(syn),
         **quality_figures([r["text"] for r in syn], seeds, [r["text"] for r in sample], **shingles),
         "seed_to_output_similarity": float(np.mean(np.sum(out_vec * seed_vec, axis=1))) if sample else None,
+        # the control for it: the same outputs against other samples' seeds (a rotation, so never
+        # their own): what any output of this synthesizer scores against an unrelated seed
+        "other_seed_to_output_similarity": (float(np.mean(np.sum(out_vec * np.roll(seed_vec, 1, axis=0), axis=1)))
+                                            if len(sample) > 1 else None),
         "real_pair_similarity": float(np.mean(pairs)) if pairs else None,
         "random_pair_similarity": float(np.mean(np.sum(vec[a] * vec[b], axis=1))),
     }
@@ -530,8 +534,9 @@ def write_report(run: RunDir, cfg: SBPConfig, st: dict[str, Stage], pool_tokens:
             lines.append(f"| {a} | {out['tokens_seen']:,} | {real:,} | {syn:,} | n/a | n/a | n/a | n/a |")
             continue
         gain = base - loss
-        frac = (f"{gain / (base - oracle):.0%}" if oracle is not None and a != "repetition" and base != oracle
-                else "-")
+        # the share is defined only when the oracle beats repetition (else: no gain to share)
+        frac = ("-" if oracle is None or a == "repetition" else
+                f"{gain / (base - oracle):.0%}" if base - oracle > 0 else "n/a (oracle no better)")
         lines.append(f"| {a} | {out['tokens_seen']:,} | {real:,} | {syn:,} | {loss:.4f} | {np.exp(loss):.1f} | "
                      f"{gain:+.4f} | {frac} |")
     q = st["quality"].outputs
