@@ -197,10 +197,11 @@ def pairing_stage(run: RunDir, cfg: SBPConfig, corpus: Stage, tokens: Stage) -> 
     d_ids, _ = split_ids(tokens, cfg)
     texts = _texts_by_id(corpus, d_ids)
     p = cfg.pairing
-    ds = ray.data.from_items([{"row": i, "id": d, "text": t} for i, (d, t) in enumerate(zip(d_ids, texts))],
-                             override_num_blocks=max(p.num_actors, p.index.shards, min(64, len(d_ids) // 2000 + 1)))
+    ds = ray.data.from_items([{"row": i, "id": d, "text": t} for i, (d, t) in enumerate(zip(d_ids, texts))])
+    # one part per shard at least (a shard loads whole parts), about 100k vectors per part at scale
+    parts = max(p.index.shards, min(256, len(d_ids) // 100_000 + 1))
     embed_dataset(ds, p.embedder, p.num_actors, p.batch_size).map_batches(
-        _embedding_table, batch_format="pyarrow").write_parquet(str(st.path / "embeddings"))
+        _embedding_table, batch_format="pyarrow").repartition(parts).write_parquet(str(st.path / "embeddings"))
     files = sorted(str(f) for f in (st.path / "embeddings").glob("*.parquet"))
     index = ShardedIndex.from_parquet(files, p.index, id_column="row")
     found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]
