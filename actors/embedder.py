@@ -120,13 +120,11 @@ def embed_dataset(ds, name: str = "minilm", num_actors: int = 2, batch_size: int
     """
     import ray
 
-    from selftaught.runtime import cluster_cpus
+    from selftaught.runtime import cluster_cpus, fit_actor_cpus
 
-    total = cluster_cpus() or 1.0
-    actors, threads = plan_pool(num_actors, total, threads_per_actor, min_threads_per_actor)
+    actors, threads = plan_pool(num_actors, cluster_cpus() or 1.0, threads_per_actor, min_threads_per_actor)
     # Request a little less than the threads' cores so that the feeding tasks still get scheduled.
-    cpus = cpus_per_actor if cpus_per_actor is not None else max(
-        0.1, round(min(float(threads), (total - 0.25) / actors), 2))
+    cpus = cpus_per_actor if cpus_per_actor is not None else fit_actor_cpus(float(threads), actors, reserve=0.25)
     if rows_per_call is None:
         n = _known_count(ds)
         rows_per_call = 512 if n is None else -(-n // (2 * actors))
