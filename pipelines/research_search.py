@@ -442,12 +442,14 @@ class Search:
                        (arm, res.idea_id, t, res.status, res.reward, json.dumps(d, default=str), gh, ch, time.time()))
 
     def _charge(self, arm: str) -> None:
-        """Compute of recorded results to the ledger (once: ``charged``) and to MLflow."""
+        """Compute of recorded results to the ledger and to MLflow, each exactly once: the ledger
+        charge is keyed by the idea and the MLflow run is found by its tag, so a crash between
+        either write and the journal's ``charged``/``mlflow_run`` mark repeats nothing."""
         env = self.envs[arm]
         for r in self.journal.results(arm):
             if not r["charged"]:
                 self.ledger.add_compute(f"{env.name}:{arm}", gpu_hours=r["gpu_hours"], cpu_hours=r["cpu_hours"],
-                                        jobs=1)
+                                        jobs=1, key=f"search:{arm}:{r['idea_id']}")  # once, even across a crash
                 self.journal.x("UPDATE results SET charged=1 WHERE arm=? AND idea_id=?", (arm, r["idea_id"]))
         if self.recorder is None:
             return
@@ -494,6 +496,8 @@ class Search:
         self._execute(arm, t)
         stats = self.epoch_stats(arm, t)
         self.journal.set_epoch(arm, t, "done", stats=stats)
+        if self.recorder is not None:
+            self.recorder.log_epoch(self.parents[arm], t, stats)
         log.info("%s epoch %d: %s", arm, t, {k: stats[k] for k in ("executed", "ok", "best_so_far", "usd")})
         if self.after_epoch is not None:
             self.after_epoch(arm, t, stats)
@@ -563,8 +567,7 @@ class Search:
                    "ideator": f"{self.icfg.backend}:{self.ideator.model_name()}",
                    "baseline": getattr(self, "baseline", None), "stopped": stopped,
                    "estimate": self.journal.meta("estimate"), "arms": arms, "epoch_stats": epochs,
-                   "ledger": self.ledger.snapshot(), "mlflow": str(self.run_dir / "mlruns") if self.recorder else None,
-                   "mlflow_backend": self.recorder.backend if self.recorder else None}
+                   "ledger": self.ledger.snapshot(), "mlflow": self.recorder.uri if self.recorder else None}
         summary["report"] = str(write_report(self.run_dir, summary, epochs, top[: self.cfg.top_k], rejected))
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         return summary

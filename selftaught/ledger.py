@@ -187,6 +187,7 @@ CREATE TABLE IF NOT EXISTS compute (env TEXT PRIMARY KEY, jobs INTEGER NOT NULL 
 CREATE TABLE IF NOT EXISTS reservations (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
     key TEXT NOT NULL, usd REAL NOT NULL DEFAULT 0, gpu_hours REAL NOT NULL DEFAULT 0,
     cpu_hours REAL NOT NULL DEFAULT 0, jobs INTEGER NOT NULL DEFAULT 0, pid INTEGER, host TEXT, created REAL);
+CREATE TABLE IF NOT EXISTS charges (key TEXT PRIMARY KEY, env TEXT NOT NULL, created REAL);
 """
 
 
@@ -375,14 +376,22 @@ class Ledger:
                                 jobs=int(jobs))
 
     def add_compute(self, env: str, *, gpu_hours: float = 0.0, cpu_hours: float = 0.0, jobs: int = 1,
-                    reservation: Reservation | None = None) -> None:
-        """Record compute used in environment ``env`` (releasing ``reservation`` if given)."""
+                    reservation: Reservation | None = None, key: str | None = None) -> bool:
+        """Record compute used in environment ``env`` (releasing ``reservation`` if given).
+
+        With ``key`` (for example the job's id) the charge is made at most once: a caller that
+        crashed after charging and before noting it can charge again safely. Returns whether
+        this call charged."""
         with _Tx(self._con, self._lock) as con:
             if reservation is not None:
                 con.execute("DELETE FROM reservations WHERE id=?", (reservation.id,))
+            if key is not None and con.execute("INSERT OR IGNORE INTO charges VALUES (?,?,?)",
+                                               (key, env, time.time())).rowcount == 0:
+                return False
             con.execute("INSERT OR IGNORE INTO compute (env) VALUES (?)", (env,))
             con.execute("UPDATE compute SET jobs=jobs+?, gpu_hours=gpu_hours+?, cpu_hours=cpu_hours+? WHERE env=?",
                         (int(jobs), float(gpu_hours), float(cpu_hours), env))
+        return True
 
     # ------------------------------------------------------------------ reading
     def snapshot(self) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """Recording a research search: MLflow runs per idea, and the run's ``report.md`` + plot.
 
-MLflow layout (a local file store under ``<run_dir>/mlruns``): one experiment per search, one
-parent run per arm, and under it one nested run per executed idea with params (mode, epoch,
-knobs, lineage), metrics (reward and the environment's numeric metrics) and artifacts (the
-idea text, its diff, its logs).
+MLflow layout: a SQLite tracking store ``<run_dir>/mlflow.db`` with artifacts under
+``<run_dir>/mlartifacts``; one experiment per search, one parent run per arm (its metrics are
+the per-epoch best-so-far and mean reward), and under it one nested run per executed idea with
+params (mode, epoch, knobs, lineage), metrics (reward, the environment's numeric metrics, its
+compute and cost) and artifacts (the idea, its diff, its logs). Browse it with::
 
-When the ``mlflow`` package is importable its client writes the store. Without it, the same
-file-store layout is written directly (``meta.yaml``, ``params/``, ``metrics/``, ``tags/``,
-``artifacts/``), which ``mlflow ui --backend-store-uri <run_dir>/mlruns`` reads later.
+    mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db
+
+Every write is idempotent by tags (``selftaught.key``), so a resumed search that crashed
+between logging an idea and journaling that it did finds the run instead of making a twin.
 """
 from __future__ import annotations
 
@@ -15,161 +17,105 @@ import json
 import math
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+KEY_TAG = "selftaught.key"
 
 
 def _key(k: str) -> str:
     return _SAFE.sub("_", str(k))[:250] or "_"
 
 
-def have_mlflow() -> bool:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class _FileStore:
-    """The subset of MLflow's file store that the search writes (no mlflow dependency)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def experiment(self, name: str) -> str:
-        for meta in self.root.glob("*/meta.yaml"):
-            if f"name: {name}\n" in meta.read_text():
-                return meta.parent.name
-        ids = [int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit()]
-        eid = str(max(ids, default=0) + 1)
-        d = self.root / eid
-        d.mkdir()
-        now = int(time.time() * 1000)
-        (d / "meta.yaml").write_text(
-            f"artifact_location: {d.resolve().as_uri()}\ncreation_time: {now}\nexperiment_id: '{eid}'\n"
-            f"last_update_time: {now}\nlifecycle_stage: active\nname: {name}\n")
-        return eid
-
-    def create_run(self, eid: str, name: str, tags: dict[str, str]) -> str:
-        rid = uuid.uuid4().hex
-        d = self.root / eid / rid
-        for sub in ("params", "metrics", "tags", "artifacts"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        now = int(time.time() * 1000)
-        (d / "meta.yaml").write_text(
-            f"artifact_uri: {(d / 'artifacts').resolve().as_uri()}\nend_time: null\nentry_point_name: ''\n"
-            f"experiment_id: '{eid}'\nlifecycle_stage: active\nrun_id: {rid}\nrun_name: {name}\n"
-            f"run_uuid: {rid}\nsource_name: ''\nsource_type: 4\nsource_version: ''\nstart_time: {now}\n"
-            f"status: 1\ntags: []\nuser_id: selftaught\n")
-        for k, v in {**tags, "mlflow.runName": name}.items():
-            (d / "tags" / _key(k)).write_text(str(v))
-        return rid
-
-    def _dir(self, rid: str) -> Path:
-        return next(self.root.glob(f"*/{rid}"))
-
-    def log_param(self, rid: str, k: str, v: Any) -> None:
-        (self._dir(rid) / "params" / _key(k)).write_text(str(v)[:6000])
-
-    def log_metric(self, rid: str, k: str, v: float, step: int = 0) -> None:
-        with open(self._dir(rid) / "metrics" / _key(k), "a") as f:
-            f.write(f"{int(time.time() * 1000)} {float(v)} {step}\n")
-
-    def log_text(self, rid: str, text: str, name: str) -> None:
-        p = self._dir(rid) / "artifacts" / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-
-    def finish(self, rid: str, status: str = "FINISHED") -> None:
-        meta = self._dir(rid) / "meta.yaml"
-        code = {"FINISHED": 3, "FAILED": 4, "KILLED": 5}.get(status, 3)
-        text = meta.read_text().replace("status: 1\n", f"status: {code}\n")
-        meta.write_text(text.replace("end_time: null", f"end_time: {int(time.time() * 1000)}"))
-
-
-class _MlflowStore:
-    """The same calls through ``mlflow.tracking.MlflowClient`` (no global fluent state)."""
-
-    def __init__(self, root: Path):
-        from mlflow.tracking import MlflowClient
-
-        root.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=root.resolve().as_uri())
-
-    def experiment(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else self.client.create_experiment(name)
-
-    def create_run(self, eid: str, name: str, tags: dict[str, str]) -> str:
-        return self.client.create_run(eid, tags=tags, run_name=name).info.run_id
-
-    def log_param(self, rid: str, k: str, v: Any) -> None:
-        self.client.log_param(rid, _key(k), str(v)[:6000])
-
-    def log_metric(self, rid: str, k: str, v: float, step: int = 0) -> None:
-        self.client.log_metric(rid, _key(k), float(v), step=step)
-
-    def log_text(self, rid: str, text: str, name: str) -> None:
-        self.client.log_text(rid, text, name)
-
-    def finish(self, rid: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(rid, status)
+def tracking_uri(run_dir: str | Path) -> str:
+    """The search's MLflow tracking store (SQLite: MLflow 3 refuses new file stores)."""
+    return "sqlite:///" + str((Path(run_dir) / "mlflow.db").resolve())
 
 
 class MlflowRecorder:
-    """One experiment for a search, one parent run per arm, one nested run per idea."""
+    """One experiment for a search, one parent run per arm, one nested run per idea, written
+    with ``mlflow.tracking.MlflowClient`` (no global fluent state, so it is thread-safe to
+    keep beside other MLflow users in the same process)."""
 
-    def __init__(self, run_dir: str | Path, experiment: str = "research-search", use_mlflow: bool | None = None):
-        self.root = Path(run_dir) / "mlruns"
-        use = have_mlflow() if use_mlflow is None else use_mlflow
-        self.backend = "mlflow" if use else "file-store"
-        self.store = _MlflowStore(self.root) if use else _FileStore(self.root)
-        self.experiment_id = self.store.experiment(experiment)
+    def __init__(self, run_dir: str | Path, experiment: str = "research-search"):
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation notices
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        run_dir = Path(run_dir).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri(run_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=(run_dir / "mlartifacts").as_uri())
+
+    def _find(self, key: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def arm_run(self, arm: str, params: dict[str, Any]) -> str:
-        rid = self.store.create_run(self.experiment_id, arm, {"arm": arm})
-        for k, v in params.items():
-            self.store.log_param(rid, k, v)
+        key = f"arm:{arm}"
+        rid = self._find(key)
+        if rid is None:
+            rid = self.client.create_run(self.experiment_id, run_name=arm,
+                                         tags={"arm": arm, "kind": "arm", KEY_TAG: key}).info.run_id
+            for k, v in params.items():
+                self.client.log_param(rid, _key(k), str(v)[:6000])
         return rid
+
+    def log_epoch(self, parent: str, epoch: int, stats: dict[str, Any]) -> None:
+        """The arm's per-epoch figures as step-indexed metrics of its parent run."""
+        for k in ("best_so_far", "mean_reward", "executed", "ok", "rejected", "gpu_hours", "cpu_hours", "usd"):
+            v = stats.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.client.log_metric(parent, k, float(v), step=epoch)
 
     def log_idea(self, parent: str, arm: str, epoch: int, proposal: dict[str, Any], result: dict[str, Any],
                  cost: dict[str, float]) -> str:
         idea = proposal
-        rid = self.store.create_run(self.experiment_id, idea["id"],
-                                    {"mlflow.parentRunId": parent, "arm": arm, "status": result.get("status", "")})
+        key = f"idea:{arm}:{idea['id']}"
+        found = self._find(key)
+        if found is not None:
+            self.client.set_terminated(found, "FINISHED" if result.get("status") == "ok" else "FAILED")
+            return found
+        status = result.get("status", "")
+        rid = self.client.create_run(self.experiment_id, run_name=idea["id"], tags={
+            "mlflow.parentRunId": parent, "arm": arm, "kind": "idea", "status": status, "mode": idea.get("mode", ""),
+            KEY_TAG: key}).info.run_id
         params = {"arm": arm, "epoch": epoch, "mode": idea.get("mode", ""), "idea_id": idea["id"],
-                  "status": result.get("status", ""), "stage": result.get("stage") or "",
+                  "status": status, "stage": result.get("stage") or "",
                   "shown_ids": ",".join(idea.get("shown_ids") or []), "model": idea.get("model", "")}
         for k, v in (idea.get("knobs") or {}).items():
             params[f"knob.{k}"] = v
-        for k, v in params.items():
-            self.store.log_param(rid, k, v)
-        self.store.log_metric(rid, "reward", float(result.get("reward") or 0.0), step=epoch)
+        from mlflow.entities import Metric, Param
+
+        metrics = {"reward": float(result.get("reward") or 0.0)}
         for k, v in (result.get("metrics") or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self.store.log_metric(rid, f"env.{k}", v, step=epoch)
-        for k, v in cost.items():
-            self.store.log_metric(rid, k, float(v or 0.0), step=epoch)
+                metrics[f"env.{k}"] = float(v)
+        metrics.update({k: float(v or 0.0) for k, v in cost.items()})
+        now = int(time.time() * 1000)
+        self.client.log_batch(rid, metrics=[Metric(_key(k), v, now, epoch) for k, v in metrics.items()],
+                              params=[Param(_key(k), str(v)[:6000]) for k, v in params.items()])
         text = idea.get("text") or ""
-        self.store.log_text(rid, json.dumps({"text": text, "knobs": idea.get("knobs"), "mode": idea.get("mode"),
-                                             "shown_ids": idea.get("shown_ids"), "thinking": idea.get("thinking")},
-                                            indent=1), "idea.json")
+        self.client.log_text(rid, json.dumps({"text": text, "knobs": idea.get("knobs"), "mode": idea.get("mode"),
+                                              "shown_ids": idea.get("shown_ids"), "thinking": idea.get("thinking")},
+                                             indent=1), "idea.json")
         if result.get("edit"):
-            self.store.log_text(rid, result["edit"], "edit.diff")
+            self.client.log_text(rid, result["edit"], "edit.diff")
         for stage, log in (result.get("logs") or {}).items():
-            self.store.log_text(rid, str(log), f"logs/{_key(stage)}.txt")
+            self.client.log_text(rid, str(log), f"logs/{_key(stage)}.txt")
         if result.get("error"):
-            self.store.log_text(rid, str(result["error"]), "error.txt")
-        self.store.finish(rid, "FINISHED" if result.get("status") == "ok" else "FAILED")
+            self.client.log_text(rid, str(result["error"]), "error.txt")
+        self.client.set_terminated(rid, "FINISHED" if status == "ok" else "FAILED")
         return rid
 
     def finish(self, rid: str) -> None:
-        self.store.finish(rid)
+        self.client.set_terminated(rid, "FINISHED")
 
 
 # --------------------------------------------------------------------------- report

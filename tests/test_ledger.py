@@ -151,6 +151,18 @@ def test_compute_caps(tmp_path):
     assert ledger.can_start("cpu-small", cpu_hours=1.0) and not ledger.can_start("cpu-small", jobs=2)
 
 
+def test_a_keyed_compute_charge_is_made_once_even_from_a_reopened_ledger(tmp_path):
+    """A caller that crashed after charging a job and before noting it charges it again on
+    resume: the key makes the second charge a no-op."""
+    ledger = Ledger(tmp_path / "l.sqlite")
+    assert ledger.add_compute("toy", cpu_hours=0.25, key="search:evo:abc") is True
+    again = Ledger(tmp_path / "l.sqlite")  # the resumed process
+    assert again.add_compute("toy", cpu_hours=0.25, key="search:evo:abc") is False
+    assert again.add_compute("toy", cpu_hours=0.25, key="search:evo:def") is True
+    snap = again.snapshot()["envs"]["toy"]
+    assert snap["jobs"] == 2 and snap["cpu_hours"] == pytest.approx(0.5)
+
+
 def test_estimate_before_a_run(tmp_path):
     from selftaught.llm import LLMConfig, LLMError
 

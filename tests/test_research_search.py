@@ -77,12 +77,15 @@ def _queued_events(run_dir: Path, arm: str) -> dict[str, int]:
     return dict(rows)
 
 
-def _mlflow_children(run_dir: Path) -> list[Path]:
-    out = []
-    for meta in (run_dir / "mlruns").glob("*/*/meta.yaml"):
-        if (meta.parent / "tags" / "mlflow.parentRunId").exists():
-            out.append(meta.parent)
-    return out
+def _mlflow_children(run_dir: Path) -> list:
+    """The search's idea runs, read back through MLflow's own client from the run's store."""
+    from mlflow.tracking import MlflowClient
+
+    from selftaught.research_record import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(run_dir))
+    exp = client.get_experiment_by_name("research-search")
+    return client.search_runs([exp.experiment_id], "tags.kind = 'idea'", max_results=1000)
 
 
 def test_anneal_schedule():
@@ -148,9 +151,19 @@ def test_search_arms_split_novelty_budget_and_mlflow(ray_cluster, tmp_path, mock
     assert (run_dir / "search.png").stat().st_size > 0 and "```diff" in report
     kids = _mlflow_children(run_dir)
     assert len(kids) == 18
+    from mlflow.tracking import MlflowClient
+
+    from selftaught.research_record import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(run_dir))
     for k in kids:
-        assert (k / "metrics" / "reward").exists() and (k / "params" / "mode").exists()
-        assert (k / "artifacts" / "idea.json").exists()
+        assert "reward" in k.data.metrics and k.data.params["mode"] in ("fresh", "exploit", "explore")
+        assert k.data.tags["mlflow.parentRunId"] and k.info.status in ("FINISHED", "FAILED")
+        assert "idea.json" in {a.path for a in client.list_artifacts(k.info.run_id)}
+    parents = client.search_runs([kids[0].info.experiment_id], "tags.kind = 'arm'")
+    assert sorted(p.info.run_name for p in parents) == ["best_of_n", "evolutionary"]
+    best = [m.value for m in client.get_metric_history(parents[0].info.run_id, "best_so_far")]
+    assert len(best) == 3 and best == sorted(best)  # one point per epoch, never decreasing
 
 
 def test_resume_after_driver_killed(ray_cluster, tmp_path, mock_llm):
