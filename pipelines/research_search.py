@@ -48,6 +48,7 @@ from pydantic import Field, model_validator
 from actors.ideator import IdeatorConfig
 from envs.codebase import ExecutorConfig
 from selftaught.config import RayConfig, Strict, save
+from selftaught.idea_judge import JudgeConfig
 from selftaught.ledger import BudgetCaps, BudgetExceeded
 from selftaught.novelty import NoveltyConfig
 
@@ -85,6 +86,10 @@ class SearchConfig(Strict):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     ideator: IdeatorConfig = Field(default_factory=IdeatorConfig)
     context: Literal["task", "full"] = "task"  # task: env.task_text() (small models); full: env.context()
+    # structured: knob objects under the env's schema; free_form: text ideas that the executor's
+    # implementer turns into edits (needs executor.implementer); auto: structured when the env
+    # has a knob schema
+    ideas: Literal["auto", "structured", "free_form"] = "auto"
     novelty: NoveltyConfig = Field(default_factory=NoveltyConfig)
     arms: list[Literal["evolutionary", "best_of_n"]] = Field(default_factory=lambda: list(ARMS))
     batch_size: int = Field(default=4, ge=1)  # N: executed ideas per arm per epoch
@@ -93,6 +98,7 @@ class SearchConfig(Strict):
     refill_rounds: int = Field(default=3, ge=1)  # ideator rounds per epoch to replace rejected ideas
     carry_shortfall: bool = True  # ideas an epoch could not get are asked for in the next one
     caps: BudgetCaps = Field(default_factory=BudgetCaps)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)  # hyper-parameter vs algorithmic share
     estimate_prompt_tokens: int | None = Field(default=None, ge=1)  # default: measured from the prompt
     job_timeout_s: float | None = Field(default=None, gt=0)  # per epoch batch
     seed: int = 0
@@ -105,6 +111,8 @@ class SearchConfig(Strict):
             raise ValueError("executor.run_dir is chosen per arm (<run_dir>/<arm>/env); leave it unset")
         if len(set(self.arms)) != len(self.arms) or not self.arms:
             raise ValueError("arms: one or both of evolutionary, best_of_n, each once")
+        if self.ideas == "free_form" and not self.executor.implementer:
+            raise ValueError("ideas: free_form needs executor.implementer (the model that turns an idea into an edit)")
         return self
 
 
@@ -123,6 +131,8 @@ CREATE TABLE IF NOT EXISTS results (arm TEXT, idea_id TEXT, epoch INTEGER, statu
   PRIMARY KEY (arm, idea_id));
 CREATE TABLE IF NOT EXISTS epochs (arm TEXT, epoch INTEGER, state TEXT, plan TEXT, stats TEXT,
   PRIMARY KEY (arm, epoch));
+CREATE TABLE IF NOT EXISTS judgements (arm TEXT, idea_id TEXT, kind TEXT, source TEXT, reason TEXT, usd REAL,
+  PRIMARY KEY (arm, idea_id));
 """
 
 
@@ -173,6 +183,14 @@ class SearchJournal:
         return [{**json.loads(i), "epoch": e, "round": r, "mode": m, "novel": bool(n), "verdict": json.loads(v)}
                 for e, r, m, i, n, v in self.x(sql + " ORDER BY seq", tuple(args))]
 
+    def kinds(self, arm: str, ids: set[str] | None = None) -> dict[str, int]:
+        """Counts of judged kinds (hyperparameter, algorithmic, unknown) of the arm's ideas."""
+        out: dict[str, int] = {}
+        for i, k in self.x("SELECT idea_id, kind FROM judgements WHERE arm=?", (arm,)):
+            if ids is None or i in ids:
+                out[k] = out.get(k, 0) + 1
+        return out
+
     def results(self, arm: str, before: int | None = None) -> list[dict]:
         sql, args = "SELECT idea_id, epoch, result, gpu_hours, cpu_hours, charged, mlflow_run FROM results WHERE arm=?", [arm]
         if before is not None:
@@ -219,6 +237,77 @@ def _ideator_cfg(cfg: SearchConfig, run_dir: Path, ledger_path: str) -> IdeatorC
     return ic.model_copy(update=upd)
 
 
+def implementer_worst_case(impl: dict[str, Any] | None, jobs: int) -> float | None:
+    """Implementer dollars if every job used every chain and revision at full prompt and
+    answer length (None: a model without a known or declared price)."""
+    if not impl:
+        return 0.0
+    from actors.implementer import ImplementerConfig
+    from selftaught.llm import worst_case_cost
+
+    ic = ImplementerConfig.model_validate(impl)
+    if ic.mock_responses is not None and not ic.llm.has_price_override:
+        return 0.0
+    calls = jobs * ic.samples * (1 + ic.max_revisions)
+    try:
+        return calls * worst_case_cost(ic.llm, ic.max_codebase_chars // 3 + 1000, ic.llm.max_tokens)
+    except Exception:  # noqa: BLE001 - unpriced: the client refuses its first call anyway
+        return None
+
+
+def plan(cfg: SearchConfig) -> dict[str, Any]:
+    """The search's worst case before anything starts, from the config and the env's spec
+    alone (no Ray, no call, no cluster): executed jobs, device-hours at the spec's time limits,
+    LLM dollars per role at full prompt and answer lengths, and each against its cap.
+    ``selftaught research search -c FILE --plan`` prints it."""
+    from envs.base import ENVS
+    from envs.codebase import env_dir
+    from envs.spec import CodebaseEnvSpec
+    from selftaught.idea_judge import IdeaJudge
+    from selftaught.llm import worst_case_cost
+
+    root = Path(cfg.env_dir) if cfg.env_dir else env_dir(cfg.env) if ENVS.get(cfg.env, "").startswith(
+        "envs.codebase:") else None
+    if root is None:
+        raise ValueError(f"--plan needs a codebase environment (env_dir, or one of the shipped: {sorted(ENVS)})")
+    spec = CodebaseEnvSpec.load(root / cfg.spec_file, cfg.spec_overrides)
+    free = cfg.ideas == "free_form" or (cfg.ideas == "auto" and not spec.knobs)
+    ic = cfg.ideator
+    jobs = cfg.batch_size * cfg.epochs * len(cfg.arms)
+    hours = (spec.time_limit_s + spec.evaluator.time_limit_s) / 3600.0  # the longest a job may hold its devices
+    calls = math.ceil(cfg.batch_size / ic.batch_size) * 2 * cfg.refill_rounds * cfg.epochs * len(cfg.arms)
+    context = ic.max_context_chars if cfg.context == "full" else len(spec.description)
+    prompt = (context + max(ic.explore_budget_chars, ic.exploit_budget_chars) + 2000) // 3  # chars/3: generous
+    roles: dict[str, float | None] = {}
+    if ic.backend == "local":
+        roles["ideator"] = 0.0
+    else:
+        models = [m.llm for m in ic.ensemble] or [ic.llm]
+        try:
+            roles["ideator"] = calls * max(worst_case_cost(m, prompt, ic.sampling.max_new_tokens) for m in models)
+        except Exception:  # noqa: BLE001
+            roles["ideator"] = None
+    roles["implementer"] = implementer_worst_case(cfg.executor.implementer, jobs) if free else 0.0
+    roles["judge"] = IdeaJudge(cfg.judge).worst_case_usd(jobs)
+    usd = None if any(v is None for v in roles.values()) else sum(roles.values())
+    out: dict[str, Any] = {
+        "env": spec.name, "spec": cfg.spec_file, "ideas": "free_form" if free else "structured",
+        "jobs": jobs, "per_job": {"gpus": spec.resources.gpus, "cpus": spec.resources.cpus, "max_hours": hours},
+        "gpu_hours_max": jobs * spec.resources.gpus * hours, "cpu_hours_max": jobs * spec.resources.cpus * hours,
+        "ideator_calls_max": calls, "usd_max": usd, "usd_max_by_role": roles,
+        "unpriced": sorted(r for r, v in roles.items() if v is None)}
+    caps, checks = cfg.caps, {}
+    for name, need, cap in (("jobs", jobs, caps.jobs), ("gpu_hours", out["gpu_hours_max"], caps.gpu_hours),
+                            ("cpu_hours", out["cpu_hours_max"], caps.cpu_hours), ("total_usd", usd, caps.total_usd)):
+        if cap is not None:
+            checks[name] = {"cap": cap, "worst_case": need, "fits": need is not None and need <= cap}
+    for role, cap in caps.role_usd.items():
+        checks[f"role_usd[{role}]"] = {"cap": cap, "worst_case": roles.get(role, 0.0),
+                                       "fits": roles.get(role, 0.0) is not None and (roles.get(role) or 0.0) <= cap}
+    out["caps"] = checks
+    return out
+
+
 class _Stop(Exception):
     def __init__(self, cap: str, message: str):
         super().__init__(message)
@@ -229,6 +318,7 @@ class _Stop(Exception):
 class Search:
     def __init__(self, cfg: SearchConfig, after_epoch: Callable[[str, int, dict], None] | None = None):
         from actors.ideator import Ideator
+        from selftaught.idea_judge import IdeaJudge
         from selftaught.ledger import Ledger
 
         self.cfg = cfg
@@ -242,6 +332,7 @@ class Search:
         self.ideator = Ideator(self.icfg, num_cpus=self.icfg.engine.cpus_per_actor
                                if self.icfg.backend == "local" else None)
         self.journal = SearchJournal(self.run_dir / "search.sqlite")
+        self.judge = IdeaJudge(cfg.judge, cache=str(self.run_dir / "llm_cache.sqlite"), ledger=self.ledger.path)
         self.envs: dict[str, Any] = {}
         self.scheduler = None
         self.recorder = None
@@ -257,14 +348,17 @@ class Search:
         init_ray(self.cfg.ray)
         self.scheduler = Scheduler(self.cfg.executor.scheduler)
         for arm in self.cfg.arms:
-            ex = self.cfg.executor.model_copy(update={"run_dir": str(self.run_dir / arm / "env")})
+            ex = self.cfg.executor.model_copy(update={"run_dir": str(self.run_dir / arm / "env"),
+                                                      "implementer": self._implementer_cfg()})
             load = (lambda: load_dir(self.cfg.env_dir, self.cfg.spec_file, self.cfg.spec_overrides, ex,
                                      scheduler=self.scheduler)) if self.cfg.env_dir else \
                 (lambda: load_packaged(self.cfg.env, self.cfg.spec_file, self.cfg.spec_overrides, ex,
                                        scheduler=self.scheduler))
             self.envs[arm] = load()
         env = self.envs[self.cfg.arms[0]]
-        self.schema = env.idea_schema()
+        self.schema = None if self.cfg.ideas == "free_form" else env.idea_schema()
+        if self.cfg.ideas == "structured" and self.schema is None:
+            raise ValueError(f"ideas: structured, but environment {env.name!r} has no knob schema")
         self.context = env.task_text() if self.cfg.context == "task" else env.context()
         base = env.baseline()
         self.baseline = float(base["mean"]) if base else None
@@ -281,6 +375,18 @@ class Search:
             self.journal.set_meta("mlflow_parents", parents)
             self.parents = parents
 
+    def _implementer_cfg(self) -> dict[str, Any] | None:
+        """The executor's implementer, charged to this run's ledger as role ``implementer`` and
+        answered from its call cache on resume (the env's journal already skips edits it made)."""
+        impl = self.cfg.executor.implementer
+        if not impl:
+            return impl
+        llm = dict(impl.get("llm") or {})
+        llm.setdefault("cache", str(self.run_dir / "llm_cache.sqlite"))
+        llm.setdefault("ledger", self.ledger.path)
+        llm["role"] = "implementer"
+        return {**impl, "llm": llm}
+
     def close(self) -> None:
         for env in self.envs.values():
             try:
@@ -291,7 +397,8 @@ class Search:
             self.scheduler.shutdown()
 
     def estimate(self) -> dict[str, Any]:
-        """Worst-case ideator dollars of the whole search (every refill round used)."""
+        """Worst-case LLM dollars of the whole search: every refill round of the ideator used,
+        and (with an LLM judge) one judge call per planned job."""
         c, ic = self.cfg, self.icfg
         per_epoch_calls = math.ceil(c.batch_size / ic.batch_size) * 2  # exploit + explore calls at most
         calls = per_epoch_calls * c.refill_rounds * c.epochs * len(c.arms)
@@ -299,12 +406,20 @@ class Search:
         out: dict[str, Any] = {"calls": calls, "prompt_tokens": prompt, "max_tokens": ic.sampling.max_new_tokens,
                                "jobs": c.batch_size * c.epochs * len(c.arms)}
         if ic.backend == "local":
-            out.update(usd=0.0, per_call_usd=0.0, fits=True, note="local backend: no LLM dollars")
+            out.update(usd=0.0, per_call_usd=0.0, note="local ideator: no ideator dollars")
         else:
             try:
                 out.update(self.ledger.estimate(calls, prompt, ic.sampling.max_new_tokens, ic.llm, role="ideator"))
             except Exception as e:  # noqa: BLE001 - an unpriced model: the client refuses it anyway
                 out.update(usd=None, error=str(e))
+        judge_usd = self.judge.worst_case_usd(out["jobs"])
+        impl_usd = implementer_worst_case(self._implementer_cfg(), out["jobs"]) if self.schema is None else 0.0
+        out["ideator_usd"], out["judge_usd"], out["implementer_usd"] = out.get("usd"), judge_usd, impl_usd
+        if out.get("usd") is not None and impl_usd is not None:
+            out["usd"] += judge_usd + impl_usd
+            remaining = self.ledger.snapshot()["remaining"]["usd"]
+            out["remaining_usd"] = remaining
+            out["fits"] = bool(out.get("fits", True)) and (remaining is None or out["usd"] <= remaining + 1e-12)
         return out
 
     # ------------------------------------------------------------------ one arm-epoch
@@ -430,8 +545,22 @@ class Search:
             for res in env.stream(ids, timeout_s=self.cfg.job_timeout_s):
                 self._record(arm, t, by_id[res.idea_id], res)
         self._charge(arm)
+        self._judge(arm)
         if refusal is not None:
             raise refusal
+
+    def _judge(self, arm: str) -> None:
+        """Hyper-parameter or algorithmic, for every executed idea not judged yet (journaled,
+        so a resumed run asks again only for what it never recorded; the cache answers those)."""
+        judged = {i for (i,) in self.journal.x("SELECT idea_id FROM judgements WHERE arm=?", (arm,))}
+        props = {p["id"]: p for p in self.journal.proposals(arm, novel=True)}
+        config_file = getattr(self.envs[arm].spec, "config_file", None)
+        for r in self.journal.results(arm):
+            if r["idea_id"] in judged:
+                continue
+            v = self.judge.classify(props.get(r["idea_id"], {}), r["result"].get("edit"), config_file)
+            self.journal.x("INSERT OR IGNORE INTO judgements VALUES (?,?,?,?,?,?)",
+                           (arm, r["idea_id"], v["kind"], v["source"], v["reason"], v["usd"]))
 
     def _record(self, arm: str, t: int, prop: dict[str, Any], res) -> None:
         env = self.envs[arm]
@@ -483,6 +612,7 @@ class Search:
                 "rejected": sum(not p["novel"] for p in props), "jobs": len(res),
                 "gpu_hours": sum(r["gpu_hours"] for r in res), "cpu_hours": sum(r["cpu_hours"] for r in res),
                 "usd": float(usd[0]), "tokens": int(usd[1]), "ideator_calls": int(usd[2]),
+                "kinds": self.journal.kinds(arm, {r["idea_id"] for r in res}),
                 "shortfall": max(0, (plan.get("target") or 0) - len(res))}
 
     def run_epoch(self, arm: str, t: int) -> dict[str, Any]:
@@ -521,6 +651,10 @@ class Search:
             stopped = {"cap": e.cap, "message": str(e)}
             for arm in self.cfg.arms:  # results that landed before the stop still count and are logged
                 self._charge(arm)
+                try:
+                    self._judge(arm)
+                except (BudgetExceeded, _Stop):
+                    pass  # the judge is out of money too: those ideas stay unjudged
             self.journal.set_meta("stopped", stopped)
             log.warning("search stopped by cap %s: %s", e.cap, e)
         finally:
@@ -551,7 +685,9 @@ class Search:
             arms[arm] = {"executed": len(res), "ok": len(ok), "completion_rate": len(ok) / len(res) if res else None,
                          "best": max(ok, default=None), "jobs": len(res),
                          "gpu_hours": sum(r["gpu_hours"] for r in res), "cpu_hours": sum(r["cpu_hours"] for r in res),
-                         "usd": float(usd)}
+                         "usd": float(usd), "kinds": self.journal.kinds(arm),
+                         "judge_usd": float(self.journal.x("SELECT COALESCE(SUM(usd),0) FROM judgements WHERE arm=?",
+                                                           (arm,))[0][0])}
             props = {p["id"]: p for p in self.journal.proposals(arm, novel=True)}
             rejected[arm] = len(self.journal.proposals(arm, novel=False))
             for r in res:

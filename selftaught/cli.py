@@ -12,7 +12,7 @@
     selftaught research baseline -e toy [--seeds 3]
     selftaught research context -e grpo
     selftaught research serve [-c examples/research/serve.yaml]
-    selftaught research search -c examples/research/search-toy.yaml [--set batch_size=8 ...]
+    selftaught research search -c examples/research/search-toy.yaml [--set batch_size=8 ...] [--plan]
 
 Every command resolves one typed config (file + ``--set`` overrides, unknown keys are errors)
 and prints it on request; ``run`` saves it as ``config.yaml`` in the run directory.
@@ -290,6 +290,11 @@ def cmd_research_search(args) -> int:
 
     data = load_yaml(args.config) if args.config else {}
     cfg = SearchConfig.model_validate(apply_overrides(data, list(args.overrides)))
+    if args.plan:
+        from pipelines.research_search import plan
+
+        print(json.dumps(plan(cfg), indent=1, default=str))
+        return 0
     summary = run(cfg)
     for arm, t in summary["arms"].items():
         print(json.dumps({"arm": arm, **t}, default=str))
@@ -399,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_research_serve)
     r = rsub.add_parser("search", help="evolutionary search vs best-of-N at equal budget (report.md, MLflow)")
     _config_args(r, required=True)
+    r.add_argument("--plan", action="store_true",
+                   help="print the worst-case jobs, device-hours and LLM dollars per role against the caps; run nothing")
     r.set_defaults(fn=cmd_research_search)
 
     p = sub.add_parser("models", help="list named model sizes and packaged models")

@@ -127,6 +127,15 @@ def _fmt(x: Any, nd: int = 4) -> str:
     return str(x)
 
 
+def _kinds(kinds: dict[str, int] | None, executed: int) -> str:
+    """``hp / alg / unjudged`` counts with the hyper-parameter share of the judged ideas."""
+    k = kinds or {}
+    hp, alg = k.get("hyperparameter", 0), k.get("algorithmic", 0)
+    rest = max(0, executed - hp - alg)
+    share = f" ({hp / (hp + alg):.0%} hyper-parameter)" if hp + alg else ""
+    return f"{hp} / {alg} / {rest}{share}"
+
+
 def write_plot(path: Path, epochs: dict[str, list[dict[str, Any]]], baseline: float | None) -> Path | None:
     """Best-so-far and mean reward per epoch for every arm, with the baseline as a line."""
     import matplotlib
@@ -170,15 +179,18 @@ def write_report(run_dir: str | Path, summary: dict[str, Any], epochs: dict[str,
     est = summary.get("estimate")
     if est:
         L.append("")
-        L.append(f"Estimated before starting: up to {_fmt(est.get('usd'))} USD for {est.get('calls')} ideator "
-                 f"calls; remaining under the cap: {_fmt(est.get('remaining_usd'))}.")
+        judge = f", judge {_fmt(est.get('judge_usd'))}" if est.get("judge_usd") else ""
+        L.append(f"Estimated before starting: up to {_fmt(est.get('usd'))} USD (ideator {_fmt(est.get('ideator_usd'))} "
+                 f"over at most {est.get('calls')} calls{judge}); remaining under the cap: "
+                 f"{_fmt(est.get('remaining_usd'))}.")
     L += ["", "## Arms (equal budget: executed jobs)", "",
-          "| arm | executed | ok | completion | best | jobs | GPU-h | CPU-h | LLM USD | rejected by novelty |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| arm | executed | ok | completion | best | jobs | GPU-h | CPU-h | LLM USD | rejected by novelty | "
+          "hyper-parameter / algorithmic / unjudged |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, t in summary.get("arms", {}).items():
         L.append(f"| {arm} | {t['executed']} | {t['ok']} | {_fmt(t['completion_rate'], 3)} | {_fmt(t['best'])} | "
                  f"{t['jobs']} | {_fmt(t['gpu_hours'], 3)} | {_fmt(t['cpu_hours'], 3)} | {_fmt(t['usd'], 4)} | "
-                 f"{rejected.get(arm, 0)} |")
+                 f"{rejected.get(arm, 0)} | {_kinds(t.get('kinds'), t['executed'])} |")
     L += ["", "## Per epoch", "",
           "| arm | epoch | exploit share | exploit/explore/fresh | executed | ok | best so far | mean | "
           "jobs | GPU-h | CPU-h | USD | shortfall |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -16,6 +16,9 @@ import pytest
 from pipelines.research_search import AnnealConfig, SearchConfig, run
 
 FIXED = {"lr": 0.1, "steps": 30}  # every answer starts with it: the novelty gate must stop the repeats
+# one idea in two wordings: the novelty gate's embedding check (not the exact hash) must stop the second
+PARAPHRASES = ["Print the fitted line with more digits so the log shows small changes",
+               "Print the fitted line using more digits so that the log shows small changes"]
 DOLLAR = {"input_price_per_mtok": 1.0, "output_price_per_mtok": 2.0}
 
 
@@ -32,14 +35,22 @@ def mock_llm(monkeypatch):
     lock = threading.Lock()
 
     def fake(**kw):
+        if kw.get("model") != "openai/mock-ideator":
+            return real(**kw)  # the implementer and the judge answer with their own mock_response
         with lock:
             state["n"] += 1
             n = state["n"]
         if state["kill_at"] is not None and n >= state["kill_at"]:
             raise _Kill(f"driver killed at call {n}")
-        m = re.search(r"JSON list of (\d+) objects", kw["messages"][-1]["content"])
+        prompt = kw["messages"][-1]["content"]
+        m = re.search(r"JSON list of (\d+) (objects|strings)", prompt)
         k = int(m.group(1)) if m else 1
         rng = random.Random(kw.get("seed"))
+        if m and m.group(2) == "strings":  # free-form ideas; batches of 3+ open with two paraphrases
+            texts = [f"Variant {rng.randint(0, 10**9)}: print the fitted line with more digits" for _ in range(k)]
+            if k >= 3:
+                texts[:2] = PARAPHRASES
+            return real(**{**kw, "mock_response": json.dumps(texts)})
         ideas = [{"lr": round(rng.uniform(0.05, 0.5), 4), "steps": rng.randint(20, 60)} for _ in range(k)]
         if k > 1:  # batches of two or more repeat FIXED; single-idea refills are fresh
             ideas[0] = FIXED
@@ -96,12 +107,25 @@ def test_anneal_schedule():
         SearchConfig.model_validate({"executor": {"run_dir": "x"}})
 
 
-def test_example_configs_validate():
+def test_example_configs_validate_and_plan_within_their_caps():
+    """The offline configs and the thesis-size ones (free-form, hosted models, 8-GPU / 1-GPU
+    jobs): valid, priced from litellm's map, and planned without Ray or a call."""
+    from pipelines.research_search import plan
     from selftaught.config import load_yaml
 
     for name in ("search-toy.yaml", "search-nanogpt.yaml"):
         cfg = SearchConfig.model_validate(load_yaml(Path("examples/research") / name))
         assert cfg.ideator.backend == "local" and cfg.arms == ["evolutionary", "best_of_n"]
+        p = plan(cfg)
+        assert p["ideas"] == "structured" and p["usd_max"] == 0.0 and all(c["fits"] for c in p["caps"].values())
+    for name, jobs, gpus in (("search-nanogpt-paper.yaml", 1600, 8), ("search-grpo-paper.yaml", 1000, 1)):
+        cfg = SearchConfig.model_validate(load_yaml(Path("examples/research") / name))
+        assert cfg.ideas == "free_form" and cfg.executor.implementer and cfg.judge.llm is not None
+        p = plan(cfg)
+        assert p["jobs"] == jobs and p["per_job"]["gpus"] == gpus and p["unpriced"] == []
+        assert 0 < p["usd_max"] <= cfg.caps.total_usd  # the dollars fit even in the worst case
+        assert all(v["fits"] for k, v in p["caps"].items() if k.endswith("usd") or k.startswith("role_usd"))
+        assert p["caps"]["gpu_hours"]["cap"] < p["gpu_hours_max"]  # device-hours: capped below the worst case
 
 
 def test_search_arms_split_novelty_budget_and_mlflow(ray_cluster, tmp_path, mock_llm):
@@ -189,6 +213,58 @@ def test_resume_after_driver_killed(ray_cluster, tmp_path, mock_llm):
     assert paid_before["calls"] == 3 and role["calls"] == 3 + (mock_llm["n"] - calls_before)  # none paid twice
     assert s["ledger"]["total"]["jobs"] == 12  # no compute charged twice
     assert len(_mlflow_children(run_dir)) == 12
+
+
+# the implementer's answer to every free-form idea: an edit of the training code (not its config)
+EDIT = """Print the fit with more digits.
+
+```python
+main.py
+<<<<<<< SEARCH
+print(f"fitted w={w:.4f} b={b:.4f} after {steps} steps")
+=======
+print(f"fitted w={w:.6f} b={b:.6f} after {steps} steps")
+>>>>>>> REPLACE
+```
+"""
+
+
+def test_free_form_search_with_implementer_and_llm_judge(ray_cluster, tmp_path, mock_llm):
+    """Text ideas -> the novelty gate (MiniLM + FAISS) -> the implementer's edit -> the sandboxed
+    job; the judge sorts them (code edits are not config-only, so every one goes to the judge,
+    charged to role judge)."""
+    price = {"model": "openai/mock-judge", "max_retries": 0, **DOLLAR}
+    cfg = _cfg(tmp_path, "free", epochs=1, ideas="free_form", novelty={"embedder": "minilm", "threshold": 0.98},
+               executor={"scheduler": {"max_slots": 2, "placement_timeout_s": 10},
+                         "implementer": {"samples": 1, "max_revisions": 0, "mock_responses": [EDIT],
+                                         "llm": {**price, "model": "openai/mock-implementer"}}},
+               judge={"llm": {**price, "mock_response": '{"kind": "algorithmic", "reason": "mocked"}'}})
+    s = run(cfg)
+    assert s["stopped"] is None and s["estimate"]["judge_usd"] > 0 and s["estimate"]["implementer_usd"] > 0
+    assert s["estimate"]["usd"] > s["estimate"]["ideator_usd"]
+    for arm in ("evolutionary", "best_of_n"):
+        assert s["arms"][arm]["executed"] == 3 and s["arms"][arm]["ok"] == 3
+        assert s["arms"][arm]["kinds"] == {"algorithmic": 3} and s["arms"][arm]["judge_usd"] > 0
+        assert s["epoch_stats"][arm][0]["kinds"] == {"algorithmic": 3}
+    from pipelines.research_search import SearchJournal
+
+    j = SearchJournal(Path(cfg.run_dir) / "search.sqlite")
+    for arm in ("evolutionary", "best_of_n"):  # the paraphrase: rejected with its neighbour, never run
+        props = j.proposals(arm)
+        first, second = (next(p for p in props if p["text"] == t) for t in PARAPHRASES)
+        assert first["novel"] and not second["novel"] and second["verdict"]["reason"] == "near_duplicate"
+        assert second["verdict"]["neighbour"] == first["id"] and second["verdict"]["similarity"] >= 0.98
+        assert second["id"] not in {i for i, _ in _env_rows(Path(cfg.run_dir), arm)}
+        assert s["epoch_stats"][arm][0]["rejected"] == 1
+    roles = s["ledger"]["roles"]
+    judged = roles["judge"]["calls"] + roles["judge"]["cache_hits"]
+    assert judged == 6 and roles["judge"]["calls"] >= 5  # the first paraphrase in both arms: one request
+    impl = roles["implementer"]  # its own role; the first paraphrase's edit is paid once for both arms
+    assert impl["calls"] >= 5 and impl["calls"] + impl["cache_hits"] >= 6 and impl["usd"] > 0
+    report = (Path(s["run_dir"]) / "report.md").read_text()
+    assert "0 / 3 / 0 (0% hyper-parameter)" in report and "+print(f\"fitted w={w:.6f}" in report
+    kids = _mlflow_children(Path(cfg.run_dir))
+    assert len(kids) == 6 and all(k.data.params["mode"] == "fresh" for k in kids)
 
 
 def test_cost_cap_stops_cleanly(ray_cluster, tmp_path, mock_llm):
