@@ -362,6 +362,8 @@ class Search:
         self.context = env.task_text() if self.cfg.context == "task" else env.context()
         base = env.baseline()
         self.baseline = float(base["mean"]) if base else None
+        self.baseline_std = float(base.get("std") or 0.0) if base else None
+        self.baseline_n = len(base.get("values") or []) if base else 0
         if self.cfg.mlflow:
             from selftaught.research_record import MlflowRecorder
 
@@ -638,6 +640,9 @@ class Search:
         self.open()
         stopped = None
         try:
+            for arm in self.cfg.arms:  # results a crashed run recorded but never charged, logged or judged
+                self._charge(arm)
+                self._judge(arm)
             est = self.estimate()
             self.journal.set_meta("estimate", est)
             log.info("search estimate: %s", est)
@@ -664,6 +669,12 @@ class Search:
                 self.close()
         return summary
 
+    def bar(self) -> float | None:
+        """The value an idea must beat to count as a real gain, not seed noise: the baseline's
+        mean plus two standard deviations of its measured values."""
+        b, sd = getattr(self, "baseline", None), getattr(self, "baseline_std", None)
+        return None if b is None else b + 2.0 * (sd or 0.0)
+
     def report(self, stopped: dict | None) -> dict[str, Any]:
         from selftaught.research_record import write_report
 
@@ -682,7 +693,10 @@ class Search:
             res = self.journal.results(arm)
             ok = [r["result"]["reward"] for r in res if r["result"]["status"] == "ok"]
             usd = self.journal.x("SELECT COALESCE(SUM(usd),0) FROM calls WHERE arm=?", (arm,))[0][0]
+            bar = self.bar()
             arms[arm] = {"executed": len(res), "ok": len(ok), "completion_rate": len(ok) / len(res) if res else None,
+                         "beat_baseline": sum(r > self.baseline for r in ok) if self.baseline is not None else None,
+                         "clear_bar": sum(r > bar for r in ok) if bar is not None else None,
                          "best": max(ok, default=None), "jobs": len(res),
                          "gpu_hours": sum(r["gpu_hours"] for r in res), "cpu_hours": sum(r["cpu_hours"] for r in res),
                          "usd": float(usd), "kinds": self.journal.kinds(arm),
@@ -701,7 +715,8 @@ class Search:
         summary = {"run_dir": str(self.run_dir), "env": env.name if env else self.cfg.env,
                    "batch_size": self.cfg.batch_size, "epochs": self.cfg.epochs,
                    "ideator": f"{self.icfg.backend}:{self.ideator.model_name()}",
-                   "baseline": getattr(self, "baseline", None), "stopped": stopped,
+                   "baseline": getattr(self, "baseline", None), "baseline_std": getattr(self, "baseline_std", None),
+                   "baseline_n": getattr(self, "baseline_n", 0), "bar": self.bar(), "stopped": stopped,
                    "estimate": self.journal.meta("estimate"), "arms": arms, "epoch_stats": epochs,
                    "ledger": self.ledger.snapshot(), "mlflow": self.recorder.uri if self.recorder else None}
         summary["report"] = str(write_report(self.run_dir, summary, epochs, top[: self.cfg.top_k], rejected))

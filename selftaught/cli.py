@@ -13,6 +13,7 @@
     selftaught research context -e grpo
     selftaught research serve [-c examples/research/serve.yaml]
     selftaught research search -c examples/research/search-toy.yaml [--set batch_size=8 ...] [--plan]
+    selftaught research ui runs/research/search-toy [--port 5000]
 
 Every command resolves one typed config (file + ``--set`` overrides, unknown keys are errors)
 and prints it on request; ``run`` saves it as ``config.yaml`` in the run directory.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -283,6 +285,28 @@ def cmd_research_serve(args) -> int:
     return _serve_until_interrupted()
 
 
+def cmd_research_ui(args) -> int:
+    """``mlflow ui`` on a search's record (its SQLite store in the run directory)."""
+    import shutil
+
+    from selftaught.research_record import tracking_uri
+
+    db = Path(args.run_dir) / "mlflow.db"
+    if not db.exists():
+        print(f"no MLflow record at {db}: run `selftaught research search` first", file=sys.stderr)
+        return 2
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if exe is None:
+        print("mlflow is not installed in this environment", file=sys.stderr)
+        return 2
+    # litellm, imported by the server, must not try to fetch its price map (offline it hangs)
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    argv = [exe, "ui", "--backend-store-uri", tracking_uri(args.run_dir), "--host", args.host, "--port", str(args.port)]
+    print("# " + " ".join(argv), file=sys.stderr)
+    os.execve(exe, argv, env)
+    return 0  # not reached
+
+
 def cmd_research_search(args) -> int:
     """Evolutionary search vs best-of-N at equal budget (pipelines/research_search.py)."""
     from selftaught.config import apply_overrides, load_yaml
@@ -407,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", action="store_true",
                    help="print the worst-case jobs, device-hours and LLM dollars per role against the caps; run nothing")
     r.set_defaults(fn=cmd_research_search)
+
+    r = rsub.add_parser("ui", help="browse a search's ideas in the MLflow UI (mlflow ui on <run_dir>/mlflow.db)")
+    r.add_argument("run_dir")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=5000)
+    r.set_defaults(fn=cmd_research_ui)
 
     p = sub.add_parser("models", help="list named model sizes and packaged models")
     p.add_argument("--size")

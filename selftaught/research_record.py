@@ -51,7 +51,8 @@ class MlflowRecorder:
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            experiment, artifact_location=(run_dir / "mlartifacts").as_uri())
+            experiment, artifact_location=(run_dir / "mlartifacts").as_uri(),
+            tags={"mlflow.experimentKind": "custom_model_development"})  # the UI's runs table, not GenAI traces
 
     def _find(self, key: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
@@ -106,7 +107,7 @@ class MlflowRecorder:
                                               "shown_ids": idea.get("shown_ids"), "thinking": idea.get("thinking")},
                                              indent=1), "idea.json")
         if result.get("edit"):
-            self.client.log_text(rid, result["edit"], "edit.diff")
+            self.client.log_text(rid, result["edit"], "edit.diff.txt")
         for stage, log in (result.get("logs") or {}).items():
             self.client.log_text(rid, str(log), f"logs/{_key(stage)}.txt")
         if result.get("error"):
@@ -136,8 +137,10 @@ def _kinds(kinds: dict[str, int] | None, executed: int) -> str:
     return f"{hp} / {alg} / {rest}{share}"
 
 
-def write_plot(path: Path, epochs: dict[str, list[dict[str, Any]]], baseline: float | None) -> Path | None:
-    """Best-so-far and mean reward per epoch for every arm, with the baseline as a line."""
+def write_plot(path: Path, epochs: dict[str, list[dict[str, Any]]], baseline: float | None,
+               bar: float | None = None) -> Path | None:
+    """Best-so-far and mean reward per epoch for every arm, with the baseline and the bar
+    (baseline mean + 2 std) as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,6 +154,8 @@ def write_plot(path: Path, epochs: dict[str, list[dict[str, Any]]], baseline: fl
     for ax, title in zip(axes, ("best reward so far", "mean reward of ok ideas")):
         if baseline is not None:
             ax.axhline(baseline, color="grey", linestyle="--", label="baseline")
+        if bar is not None and bar != baseline:
+            ax.axhline(bar, color="grey", linestyle=":", label="baseline + 2 std")
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.legend()
@@ -165,12 +170,14 @@ def write_report(run_dir: str | Path, summary: dict[str, Any], epochs: dict[str,
     """``report.md`` (and ``search.png``) in the run directory."""
     run_dir = Path(run_dir)
     baseline = summary.get("baseline")
-    plot = write_plot(run_dir / "search.png", epochs, baseline)
+    plot = write_plot(run_dir / "search.png", epochs, baseline, summary.get("bar"))
     L = ["# Execution-guided search", ""]
     L.append(f"Environment `{summary.get('env')}`; N={summary.get('batch_size')} ideas per epoch, "
              f"{summary.get('epochs')} epochs per arm; ideator `{summary.get('ideator')}`.")
     L.append("")
-    L.append(f"Baseline (unmodified code): {_fmt(baseline)}" if baseline is not None
+    sd, n, bar = summary.get("baseline_std"), summary.get("baseline_n"), summary.get("bar")
+    L.append(f"Baseline (unmodified code): {_fmt(baseline)} ± {_fmt(sd, 2)} over {n} seeds; the bar an idea must "
+             f"clear to count as more than seed noise is mean + 2 std = {_fmt(bar)}." if baseline is not None
              else "Baseline: not measured (`selftaught research baseline`); every ok idea counts as positive.")
     stop = summary.get("stopped")
     L.append("")
@@ -184,11 +191,12 @@ def write_report(run_dir: str | Path, summary: dict[str, Any], epochs: dict[str,
                  f"over at most {est.get('calls')} calls{judge}); remaining under the cap: "
                  f"{_fmt(est.get('remaining_usd'))}.")
     L += ["", "## Arms (equal budget: executed jobs)", "",
-          "| arm | executed | ok | completion | best | jobs | GPU-h | CPU-h | LLM USD | rejected by novelty | "
-          "hyper-parameter / algorithmic / unjudged |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| arm | executed | ok | completion | best | beat baseline | clear the bar | jobs | GPU-h | CPU-h | LLM USD | "
+          "rejected by novelty | hyper-parameter / algorithmic / unjudged |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, t in summary.get("arms", {}).items():
         L.append(f"| {arm} | {t['executed']} | {t['ok']} | {_fmt(t['completion_rate'], 3)} | {_fmt(t['best'])} | "
+                 f"{_fmt(t.get('beat_baseline'))} | {_fmt(t.get('clear_bar'))} | "
                  f"{t['jobs']} | {_fmt(t['gpu_hours'], 3)} | {_fmt(t['cpu_hours'], 3)} | {_fmt(t['usd'], 4)} | "
                  f"{rejected.get(arm, 0)} | {_kinds(t.get('kinds'), t['executed'])} |")
     L += ["", "## Per epoch", "",
