@@ -2,7 +2,8 @@
 mock path: the free-form toy search with every LLM answered through litellm's
 ``mock_response`` (ideas computed from each request's seed, a fixed code edit, a fixed
 verdict) and priced at declared hosted-model rates, so tokens and dollars are counted by the
-real client, cache and ledger.
+real client, cache and ledger (the mock's constant token usage is replaced by counts from
+litellm's tokenizer, as a provider would report them).
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.research_search [--out FILE]
 
@@ -54,9 +55,18 @@ def patch_litellm(state: dict) -> None:
     real = litellm.completion
     lock = threading.Lock()
 
+    def counted(kw: dict):
+        """litellm's mock usage is a constant (10 + 20 tokens): count what a provider would."""
+        resp = real(**kw)
+        text = resp.choices[0].message.content or ""
+        resp.usage.prompt_tokens = litellm.token_counter(model="gpt-4o", messages=kw["messages"])
+        resp.usage.completion_tokens = litellm.token_counter(model="gpt-4o", text=text, count_response_tokens=True)
+        resp.usage.total_tokens = resp.usage.prompt_tokens + resp.usage.completion_tokens
+        return resp
+
     def fake(**kw):
         if kw.get("model") != "openai/mock-ideator":
-            return real(**kw)
+            return counted(kw)
         with lock:
             state["n"] += 1
             n = state["n"]
@@ -66,7 +76,7 @@ def patch_litellm(state: dict) -> None:
         rng = random.Random(kw.get("seed"))
         ideas = [f"Try {rng.choice(TOPICS)} with setting {rng.randint(0, 10**6)} and log the fit"
                  for _ in range(int(m.group(1)) if m else 1)]
-        return real(**{**kw, "mock_response": json.dumps(ideas)})
+        return counted({**kw, "mock_response": json.dumps(ideas)})
 
     litellm.completion = fake
 
@@ -109,7 +119,8 @@ def per_idea(summary: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/research-search-mock.json")
-    ap.add_argument("--kill-at", type=int, default=5, help="ideator call at which the driver dies")
+    ap.add_argument("--kill-at", type=int, default=4,
+                    help="ideator call at which the driver dies (4: epoch 1 explore, after its exploit call was paid)")
     args = ap.parse_args()
     from pipelines.research_search import SearchConfig, run
     from selftaught.ledger import Ledger
