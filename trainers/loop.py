@@ -212,20 +212,29 @@ class _Trainer:
                          if cfg.dtype == "bfloat16" and not self.ds else nullcontext())
         self.core.train()
 
-    def micro_step(self, b: Batch, scale: float, last: bool) -> float:
+    def micro_step(self, b: Batch, scale: float, last: bool,
+                   loss_fn: Callable[..., torch.Tensor] | None = None) -> float:
         """Backward of the micro-batch's summed loss times ``scale`` (world size over the step's
         loss tokens on all ranks: the engines average over ranks), so the step's gradient is the
-        mean over its loss tokens however they fall across micro-batches. Returns the sum."""
-        ids, mask = b.ids.to(self.device), b.mask.to(self.device)
-        pos = b.positions.to(self.device) if b.positions is not None else None
+        mean over its loss tokens however they fall across micro-batches. Returns the sum.
+
+        ``loss_fn(model, batch)`` replaces the next-token loss with another summed token loss
+        (the GRPO objective of ``trainers/grpo.py``) on the same engine, accumulation and
+        checkpoints."""
+        if loss_fn is None:
+            ids, mask = b.ids.to(self.device), b.mask.to(self.device)
+            pos = b.positions.to(self.device) if b.positions is not None else None
+
+            def loss_fn(model, _b):
+                return lm_loss_sum(model, ids, mask, pos)[0]
         if self.ds:
-            loss, _ = lm_loss_sum(self.engine, ids, mask, pos)
+            loss = loss_fn(self.engine, b)
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()  # applies the update at the accumulation boundary only
             return float(loss.detach())
         with nullcontext() if (self.world == 1 or last) else self.model.no_sync():
             with self.autocast:
-                loss, _ = lm_loss_sum(self.model, ids, mask, pos)
+                loss = loss_fn(self.model, b)
             (loss * scale).backward()
         return float(loss.detach())
 
