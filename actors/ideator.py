@@ -598,9 +598,13 @@ class Ideator:
             calls.append((prompt, member, s.model_copy(update=upd) if upd else s))
 
         def one(c):
+            from selftaught.ledger import BudgetExceeded
+
             prompt, member, sampling = c
             try:
                 return c, self._client(member if member is not None else 0).chat([prompt.messages], sampling)[0], None
+            except BudgetExceeded:
+                raise  # a cap: the caller stops cleanly, it is not an outage
             except Exception as e:  # noqa: BLE001 - an outage costs this call's ideas, not the batch
                 log.warning("ideator call failed (%s): %s", self.model_name(member), e)
                 return c, None, e
@@ -613,6 +617,9 @@ class Ideator:
             report["calls"] += 1
             if o is None:
                 report["failed_calls"] += 1
+                report.setdefault("errors", []).append(f"{type(err).__name__}: {err}"[:500])
+                if not _transient(err):  # auth, a bad or unsupported parameter: every call would fail alike
+                    report["fatal"] = report["errors"][-1]
                 continue
             m = o.metrics or {}
             pt, ct, cost = int(m.get("prompt_tokens", 0)), int(m.get("completion_tokens", 0)), float(m.get("cost_usd", 0.0))
@@ -723,6 +730,17 @@ class Ideator:
     def info(self) -> dict[str, Any]:
         return {"backend": self.cfg.backend, "model": self.model_name(), "batch_size": self.cfg.batch_size,
                 "thinking": self.cfg.thinking}
+
+
+def _transient(e: BaseException | None) -> bool:
+    """An outage worth asking again later (rate limit, timeout, 5xx), not a configuration error."""
+    from selftaught.llm import LLMError, is_retryable
+
+    if e is None:
+        return False
+    if isinstance(e, LLMError):
+        return e.retryable
+    return is_retryable(e)
 
 
 def to_idea(d: dict[str, Any]):

@@ -206,12 +206,14 @@ def _seed(*parts: Any) -> int:
 
 
 def job_hours(res: dict[str, Any], spec_cpus: float, spec_gpus: int) -> tuple[float, float]:
-    """(gpu_hours, cpu_hours) of one executed job: its devices times its run + evaluate seconds
-    (the wall time from submission when the stages were not timed)."""
+    """(gpu_hours, cpu_hours) of one executed job: its devices times its run + evaluate seconds.
+    An idea that never reached its devices (it failed to implement, apply or pass its smoke run)
+    held none: 0. Untimed stages of a job that did run fall back to the wall time."""
     r = res.get("resources") or {}
     secs = float(r.get("run_s") or 0.0) + float(r.get("eval_s") or 0.0)
     if secs <= 0:
-        secs = float(res.get("wall_s") or 0.0)
+        ran = res.get("status") == "ok" or res.get("stage") in ("run", "evaluate")
+        secs = float(res.get("wall_s") or 0.0) if ran else 0.0
     def count(v: Any, default: float) -> float:  # a number, or a list of device ids
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return float(v)
@@ -288,7 +290,10 @@ def plan(cfg: SearchConfig) -> dict[str, Any]:
         except Exception:  # noqa: BLE001
             roles["ideator"] = None
     roles["implementer"] = implementer_worst_case(cfg.executor.implementer, jobs) if free else 0.0
-    roles["judge"] = IdeaJudge(cfg.judge).worst_case_usd(jobs)
+    try:
+        roles["judge"] = IdeaJudge(cfg.judge).worst_case_usd(jobs)
+    except Exception:  # noqa: BLE001 - no known or declared price: listed under unpriced
+        roles["judge"] = None
     usd = None if any(v is None for v in roles.values()) else sum(roles.values())
     out: dict[str, Any] = {
         "env": spec.name, "spec": cfg.spec_file, "ideas": "free_form" if free else "structured",
@@ -359,6 +364,9 @@ class Search:
         self.schema = None if self.cfg.ideas == "free_form" else env.idea_schema()
         if self.cfg.ideas == "structured" and self.schema is None:
             raise ValueError(f"ideas: structured, but environment {env.name!r} has no knob schema")
+        if self.schema is None and not self.cfg.executor.implementer:
+            raise ValueError(f"environment {env.name!r} takes free-form ideas here (no knob schema, or ideas: "
+                             "free_form), which need executor.implementer: set one before paying for ideas")
         self.context = env.task_text() if self.cfg.context == "task" else env.context()
         base = env.baseline()
         self.baseline = float(base["mean"]) if base else None
@@ -459,8 +467,8 @@ class Search:
 
     def _plan(self, arm: str, t: int, hist: list[dict[str, Any]]) -> dict[str, Any]:
         c = self.cfg
-        executed_before = len(self.journal.results(arm, before=t))
-        owed = max(0, c.batch_size * t - executed_before) if c.carry_shortfall else 0
+        admitted_before = len(self.journal.proposals(arm, before=t, novel=True))  # executed or still running
+        owed = max(0, c.batch_size * t - admitted_before) if c.carry_shortfall else 0
         target = c.batch_size + owed
         if arm == "best_of_n" or t == 0:
             return {"target": target, "owed": owed, "exploit_share": 0.0 if arm == "evolutionary" else None,
@@ -495,8 +503,12 @@ class Search:
                 self.journal.x("INSERT INTO calls (arm, epoch, round, mode, seed, requested, returned, usd, tokens, "
                                "report, time) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                                (arm, t, rnd, mode, seed, need, len(ideas), usd, tokens, json.dumps(rep), time.time()))
-                if rep.get("failed_calls"):
-                    self._check_llm(1)  # a refused call (cap) stops the run; an outage just loses ideas
+                if rep.get("fatal") or (rep.get("calls") and rep.get("failed_calls") == rep.get("calls")):
+                    # a misconfigured ideator (key, model, a parameter the provider refuses) fails every
+                    # call alike, and a round with no answer at all is an outage: stop, resumable, rather
+                    # than mark epochs done with nothing executed
+                    raise _Stop("ideator", f"ideator calls failed ({rep.get('failed_calls')}/{rep.get('calls')} "
+                                           f"in {arm} epoch {t}): {(rep.get('errors') or ['?'])[0]}")
                 for d in ideas:
                     v = gate.admit(d["id"], d.get("text") or "", d.get("knobs"))
                     self.journal.x("INSERT INTO proposals (arm, epoch, round, mode, idea_id, idea, novel, verdict, "
@@ -510,46 +522,70 @@ class Search:
         plan["admitted"] = got
         self.journal.set_epoch(arm, t, "proposed", plan)
 
-    def _compute_fit(self, arm: str, n: int) -> tuple[int, BudgetExceeded | None]:
-        """How many of ``n`` jobs the compute caps let start (hours estimated from jobs so far)."""
-        snap = self.ledger.snapshot()["total"]
-        done = max(int(snap.get("jobs") or 0), 1)
-        gh, ch = float(snap.get("gpu_hours") or 0) / done, float(snap.get("cpu_hours") or 0) / done
-        for k in range(n, 0, -1):
+    def job_worst_case(self) -> tuple[float, float]:
+        """(gpu_hours, cpu_hours) one job can hold at most: its devices for the run's and the
+        evaluator's time limits plus the scheduler's grace, after which the worker is killed."""
+        spec = self.envs[self.cfg.arms[0]].spec
+        hours = (spec.time_limit_s + spec.evaluator.time_limit_s + self.cfg.executor.scheduler.grace_s) / 3600.0
+        return spec.resources.gpus * hours, spec.resources.cpus * hours
+
+    def epoch_quota(self, t: int) -> tuple[int | None, BudgetExceeded | None]:
+        """Jobs each arm may start in epoch t: the same number for every arm, as many as the
+        compute caps allow if every job ran to its limits (so a cap is never passed), and the
+        refusal to raise once the epoch ran when that is fewer than the arms want. Journaled,
+        so a resumed epoch keeps the quota it began with."""
+        stored = self.journal.meta(f"quota:{t}")
+        if stored is not None:
+            return stored["quota"], None if not stored.get("refused") else BudgetExceeded(**stored["refused"])
+        want = 0
+        for arm in self.cfg.arms:
+            state, plan, _ = self.journal.epoch(arm, t)
+            want = max(want, int(plan.get("target") or 0) if plan else self.cfg.batch_size + max(
+                0, self.cfg.batch_size * t - len(self.journal.proposals(arm, before=t, novel=True))))
+        gw, cw = self.job_worst_case()
+        n_arms = len(self.cfg.arms)
+        quota, refused = 0, None
+        for k in range(want, -1, -1):
             try:
-                self.ledger.check_compute(arm, gpu_hours=gh * k, cpu_hours=ch * k, jobs=k)
-                return k, None if k == n else self._refusal(gh, ch, n)
+                self.ledger.check_compute(None, gpu_hours=gw * k * n_arms, cpu_hours=cw * k * n_arms, jobs=k * n_arms)
+                quota = k
+                break
             except BudgetExceeded as e:
-                last = e
-        return 0, last if n else None
+                refused = refused or e
+        if quota == want:
+            refused = None
+        rec = {"quota": quota, "refused": None if refused is None else
+               {"cap": refused.cap, "limit": refused.limit, "used": refused.used, "reserved": refused.reserved,
+                "requested": refused.requested}}
+        self.journal.set_meta(f"quota:{t}", rec)
+        return quota, refused
 
-    def _refusal(self, gh: float, ch: float, n: int) -> BudgetExceeded | None:
-        try:
-            self.ledger.check_compute(None, gpu_hours=gh * n, cpu_hours=ch * n, jobs=n)
-        except BudgetExceeded as e:
-            return e
-        return None
-
-    def _execute(self, arm: str, t: int) -> None:
+    def _execute(self, arm: str, t: int, quota: int | None = None) -> None:
+        """Run the arm's admitted ideas of epochs up to t that have no result yet (this epoch's,
+        and any earlier one's still running when its epoch timed out), at most ``quota`` new ones."""
         from actors.ideator import to_idea
 
         env = self.envs[arm]
         done = {r["idea_id"] for r in self.journal.results(arm)}
-        admitted = [p for p in self.journal.proposals(arm, epoch=t, novel=True) if p["id"] not in done]
-        k, refusal = self._compute_fit(arm, len(admitted))
-        run = admitted[:k]
+        pending = [p for p in self.journal.proposals(arm, novel=True) if p["epoch"] <= t and p["id"] not in done]
+        earlier = [p for p in pending if p["epoch"] < t]  # already started: never refused
+        now = [p for p in pending if p["epoch"] == t]
+        run = earlier + (now if quota is None else now[:quota])
         if run:
             ideas = [to_idea(p) for p in run]
             for p, i in zip(run, ideas):
                 assert i.id == p["id"], (i.id, p["id"])
-            ids = env.submit(ideas)
+            ids = env.submit(ideas)  # a still-running idea is not started twice: it is streamed again
             by_id = {p["id"]: p for p in run}
             for res in env.stream(ids, timeout_s=self.cfg.job_timeout_s):
-                self._record(arm, t, by_id[res.idea_id], res)
+                if res.status == "infra_failed" and res.stage == "timeout":
+                    log.warning("%s: %s still running after %ss; collected in a later epoch", arm, res.idea_id,
+                                self.cfg.job_timeout_s)
+                    continue  # not a result: it stays pending, its compute is charged when it ends
+                p = by_id[res.idea_id]
+                self._record(arm, p["epoch"], p, res)
         self._charge(arm)
         self._judge(arm)
-        if refusal is not None:
-            raise refusal
 
     def _judge(self, arm: str) -> None:
         """Hyper-parameter or algorithmic, for every executed idea not judged yet (journaled,
@@ -560,7 +596,11 @@ class Search:
         for r in self.journal.results(arm):
             if r["idea_id"] in judged:
                 continue
-            v = self.judge.classify(props.get(r["idea_id"], {}), r["result"].get("edit"), config_file)
+            try:
+                v = self.judge.classify(props.get(r["idea_id"], {}), r["result"].get("edit"), config_file)
+            except Exception as e:  # noqa: BLE001 - an outage or the judge's own cap: leave it unjudged, go on
+                log.warning("judge: %s left unjudged: %s", r["idea_id"], e)
+                continue
             self.journal.x("INSERT OR IGNORE INTO judgements VALUES (?,?,?,?,?,?)",
                            (arm, r["idea_id"], v["kind"], v["source"], v["reason"], v["usd"]))
 
@@ -617,7 +657,7 @@ class Search:
                 "kinds": self.journal.kinds(arm, {r["idea_id"] for r in res}),
                 "shortfall": max(0, (plan.get("target") or 0) - len(res))}
 
-    def run_epoch(self, arm: str, t: int) -> dict[str, Any]:
+    def run_epoch(self, arm: str, t: int, quota: int | None = None) -> dict[str, Any]:
         state, plan, stats = self.journal.epoch(arm, t)
         if state == "done":
             return stats
@@ -625,11 +665,11 @@ class Search:
         if state != "proposed":
             plan = self._plan(arm, t, hist)
             self._propose(arm, t, plan, hist)
-        self._execute(arm, t)
+        self._execute(arm, t, quota)
         stats = self.epoch_stats(arm, t)
-        self.journal.set_epoch(arm, t, "done", stats=stats)
-        if self.recorder is not None:
+        if self.recorder is not None:  # before "done": a crash in between logs it again, never not at all
             self.recorder.log_epoch(self.parents[arm], t, stats)
+        self.journal.set_epoch(arm, t, "done", stats=stats)
         log.info("%s epoch %d: %s", arm, t, {k: stats[k] for k in ("executed", "ok", "best_so_far", "usd")})
         if self.after_epoch is not None:
             self.after_epoch(arm, t, stats)
@@ -649,8 +689,13 @@ class Search:
             print(f"# estimate: up to {est.get('usd')} USD over {est['calls']} ideator calls, "
                   f"{est['jobs']} jobs; remaining under the cap: {est.get('remaining_usd')}", flush=True)
             for t in range(self.cfg.epochs):
+                quota, refusal = self.epoch_quota(t)
                 for arm in self.cfg.arms:
-                    self.run_epoch(arm, t)
+                    self.run_epoch(arm, t, quota)
+                if refusal is not None:  # every arm ran the same reduced number; now stop at the cap
+                    raise refusal
+            for arm in self.cfg.arms:  # ideas still running when their epoch timed out: one more bounded wait
+                self._execute(arm, self.cfg.epochs, quota=0)
             self.journal.set_meta("stopped", None)
         except (BudgetExceeded, _Stop) as e:
             stopped = {"cap": e.cap, "message": str(e)}
@@ -662,6 +707,10 @@ class Search:
                     pass  # the judge is out of money too: those ideas stay unjudged
             self.journal.set_meta("stopped", stopped)
             log.warning("search stopped by cap %s: %s", e.cap, e)
+        except BaseException as e:  # a crash or a kill: the report says so, and the error goes on
+            stopped = {"cap": "error", "message": f"{type(e).__name__}: {e}"[:1000]}
+            self.journal.set_meta("stopped", stopped)
+            raise
         finally:
             try:
                 summary = self.report(stopped)
@@ -688,13 +737,16 @@ class Search:
                 state, _, st = self.journal.epoch(arm, t)
                 if state is None:
                     break
-                rows.append(st if state == "done" else self.epoch_stats(arm, t))
+                rows.append(self.epoch_stats(arm, t))  # from the journal: late results count where they belong
             epochs[arm] = rows
             res = self.journal.results(arm)
             ok = [r["result"]["reward"] for r in res if r["result"]["status"] == "ok"]
             usd = self.journal.x("SELECT COALESCE(SUM(usd),0) FROM calls WHERE arm=?", (arm,))[0][0]
             bar = self.bar()
+            done_ids = {r["idea_id"] for r in res}
+            still = sum(p["id"] not in done_ids for p in self.journal.proposals(arm, novel=True))
             arms[arm] = {"executed": len(res), "ok": len(ok), "completion_rate": len(ok) / len(res) if res else None,
+                         "still_running": still,
                          "beat_baseline": sum(r > self.baseline for r in ok) if self.baseline is not None else None,
                          "clear_bar": sum(r > bar for r in ok) if bar is not None else None,
                          "best": max(ok, default=None), "jobs": len(res),

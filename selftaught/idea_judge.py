@@ -26,7 +26,6 @@ Kind = Literal["hyperparameter", "algorithmic", "unknown"]
 KINDS: tuple[str, ...] = ("hyperparameter", "algorithmic")
 
 _DIFF_FILE = re.compile(r"^\+\+\+ (?:b/)?(\S+)", re.M)
-_OBJECT = re.compile(r"\{.*\}", re.S)
 
 
 class JudgeConfig(Strict):
@@ -71,15 +70,16 @@ def judge_messages(idea_text: str, edit: str, max_edit_chars: int) -> list[dict[
 
 def parse_kind(text: str) -> tuple[Kind, str]:
     """``(kind, reason)`` from the judge's answer; ``unknown`` when it does not parse."""
-    m = _OBJECT.search(text or "")
-    if m:
+    text = text or ""
+    dec = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):  # the first JSON object with a known kind, wherever it starts
         try:
-            obj = json.loads(m.group(0))
+            obj, _ = dec.raw_decode(text, m.start())
         except json.JSONDecodeError:
-            obj = None
+            continue
         if isinstance(obj, dict) and obj.get("kind") in KINDS:
             return obj["kind"], str(obj.get("reason") or "")[:500]
-    return "unknown", f"unparsed answer: {(text or '')[:200]!r}"
+    return "unknown", f"unparsed answer: {text[:200]!r}"
 
 
 class IdeaJudge:

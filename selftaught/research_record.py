@@ -22,6 +22,7 @@ from typing import Any
 
 _SAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 KEY_TAG = "selftaught.key"
+COMPLETE_TAG = "selftaught.complete"  # set last: a run without it was cut short and is written again
 
 
 def _key(k: str) -> str:
@@ -55,8 +56,14 @@ class MlflowRecorder:
             tags={"mlflow.experimentKind": "custom_model_development"})  # the UI's runs table, not GenAI traces
 
     def _find(self, key: str) -> str | None:
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
-        return runs[0].info.run_id if runs else None
+        """The run written under ``key``; a run a crash left half-written (no ``complete`` tag)
+        is deleted so the caller writes it again whole."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{KEY_TAG}` = '{key}'", max_results=10)
+        for r in runs:
+            if r.data.tags.get(COMPLETE_TAG) == "1":
+                return r.info.run_id
+            self.client.delete_run(r.info.run_id)
+        return None
 
     def arm_run(self, arm: str, params: dict[str, Any]) -> str:
         key = f"arm:{arm}"
@@ -66,6 +73,7 @@ class MlflowRecorder:
                                          tags={"arm": arm, "kind": "arm", KEY_TAG: key}).info.run_id
             for k, v in params.items():
                 self.client.log_param(rid, _key(k), str(v)[:6000])
+            self.client.set_tag(rid, COMPLETE_TAG, "1")
         return rid
 
     def log_epoch(self, parent: str, epoch: int, stats: dict[str, Any]) -> None:
@@ -94,7 +102,8 @@ class MlflowRecorder:
             params[f"knob.{k}"] = v
         from mlflow.entities import Metric, Param
 
-        metrics = {"reward": float(result.get("reward") or 0.0)}
+        # a failed idea has no reward (0.0 would sort it above valid ideas of a negative metric)
+        metrics = {"reward": float(result["reward"])} if status == "ok" and result.get("reward") is not None else {}
         for k, v in (result.get("metrics") or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 metrics[f"env.{k}"] = float(v)
@@ -112,6 +121,7 @@ class MlflowRecorder:
             self.client.log_text(rid, str(log), f"logs/{_key(stage)}.txt")
         if result.get("error"):
             self.client.log_text(rid, str(result["error"]), "error.txt")
+        self.client.set_tag(rid, COMPLETE_TAG, "1")
         self.client.set_terminated(rid, "FINISHED" if status == "ok" else "FAILED")
         return rid
 
@@ -181,8 +191,12 @@ def write_report(run_dir: str | Path, summary: dict[str, Any], epochs: dict[str,
              else "Baseline: not measured (`selftaught research baseline`); every ok idea counts as positive.")
     stop = summary.get("stopped")
     L.append("")
-    L.append(f"**Stopped early**: cap `{stop['cap']}` ({stop['message']})" if stop
-             else f"Finished: {summary.get('state', 'complete')}.")
+    if stop and stop.get("cap") == "error":
+        L.append(f"**Interrupted** by an error; rerun the same command to resume: {stop['message']}")
+    elif stop:
+        L.append(f"**Stopped early**: cap `{stop['cap']}` ({stop['message']})")
+    else:
+        L.append(f"Finished: {summary.get('state', 'complete')}.")
     est = summary.get("estimate")
     if est:
         L.append("")
@@ -191,14 +205,17 @@ def write_report(run_dir: str | Path, summary: dict[str, Any], epochs: dict[str,
                  f"over at most {est.get('calls')} calls{judge}); remaining under the cap: "
                  f"{_fmt(est.get('remaining_usd'))}.")
     L += ["", "## Arms (equal budget: executed jobs)", "",
-          "| arm | executed | ok | completion | best | beat baseline | clear the bar | jobs | GPU-h | CPU-h | LLM USD | "
-          "rejected by novelty | hyper-parameter / algorithmic / unjudged |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| arm | executed | ok | completion | best | beat baseline | clear the bar | jobs | GPU-h | CPU-h | ideator USD | "
+          "judge USD | rejected by novelty | hyper-parameter / algorithmic / unjudged | still running |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, t in summary.get("arms", {}).items():
         L.append(f"| {arm} | {t['executed']} | {t['ok']} | {_fmt(t['completion_rate'], 3)} | {_fmt(t['best'])} | "
                  f"{_fmt(t.get('beat_baseline'))} | {_fmt(t.get('clear_bar'))} | "
                  f"{t['jobs']} | {_fmt(t['gpu_hours'], 3)} | {_fmt(t['cpu_hours'], 3)} | {_fmt(t['usd'], 4)} | "
-                 f"{rejected.get(arm, 0)} | {_kinds(t.get('kinds'), t['executed'])} |")
+                 f"{_fmt(t.get('judge_usd'), 4)} | {rejected.get(arm, 0)} | {_kinds(t.get('kinds'), t['executed'])} | "
+                 f"{t.get('still_running', 0)} |")
+    L += ["", "Implementer dollars (free-form ideas) are in the ledger by role, for the whole run: "
+          f"{_fmt(((summary.get('ledger') or {}).get('roles') or {}).get('implementer', {}).get('usd'), 4)} USD."]
     L += ["", "## Per epoch", "",
           "| arm | epoch | exploit share | exploit/explore/fresh | executed | ok | best so far | mean | "
           "jobs | GPU-h | CPU-h | USD | shortfall |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

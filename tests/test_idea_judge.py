@@ -25,6 +25,7 @@ def test_parse_kind():
     assert parse_kind('{"kind": "hyperparameter"}')[0] == "hyperparameter"
     assert parse_kind("it is algorithmic")[0] == "unknown"
     assert parse_kind('{"kind": "both"}')[0] == "unknown"
+    assert parse_kind('In {braces}: {"kind": "hyperparameter", "reason": "lr"} {done}') == ("hyperparameter", "lr")
 
 
 def test_llm_judge_is_charged_to_its_role_and_cached(tmp_path):
