@@ -67,6 +67,16 @@ class ResearchConfig(Strict):
     spec_overrides: list[str] = Field(default_factory=list)  # dotted key=value on the env spec
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
+    def load_env(self, run_dir: str | Path | None = None, **kw: Any) -> "CodebaseEnv":
+        """This config's environment; ``run_dir`` replaces the executor's (each search arm or
+        RL objective runs in its own), ``kw`` goes to :class:`CodebaseEnv` (e.g. ``scheduler``,
+        ``executor`` overrides as a dict under ``executor_update``)."""
+        ex = self.executor.model_copy(update={**({"run_dir": str(run_dir)} if run_dir is not None else {}),
+                                              **kw.pop("executor_update", {})})
+        if self.env_dir:
+            return load_dir(self.env_dir, self.spec_file, self.spec_overrides, ex, **kw)
+        return load_packaged(self.env, self.spec_file, self.spec_overrides, ex, **kw)
+
 
 class CodebaseEnv(ResearchEnv):
     """A codebase environment over the scheduler (see the module docstring)."""

@@ -46,8 +46,8 @@ from typing import Any, Callable, Literal
 from pydantic import Field, model_validator
 
 from actors.ideator import IdeatorConfig
-from envs.codebase import ExecutorConfig
-from selftaught.config import RayConfig, Strict, save
+from envs.codebase import ResearchConfig
+from selftaught.config import Strict, save
 from selftaught.idea_judge import JudgeConfig
 from selftaught.ledger import BudgetCaps, BudgetExceeded
 from selftaught.novelty import NoveltyConfig
@@ -72,18 +72,12 @@ class AnnealConfig(Strict):
         return self.start + (self.end - self.start) * (t - 1) / (epochs - 2)
 
 
-class SearchConfig(Strict):
-    """``selftaught research search -c FILE``."""
+class SearchConfig(ResearchConfig):
+    """``selftaught research search -c FILE``: the environment fields of ``ResearchConfig``
+    (``executor.run_dir`` is chosen per arm) and the search's own."""
 
     pipeline: Literal["research_search"] = "research_search"
     run_dir: str = "runs/research/search"
-    ray: RayConfig = Field(default_factory=RayConfig)
-    # the environment (as in ResearchConfig); executor.run_dir is chosen per arm
-    env: str = "toy"
-    env_dir: str | None = None
-    spec_file: str = "env.yaml"
-    spec_overrides: list[str] = Field(default_factory=list)
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     ideator: IdeatorConfig = Field(default_factory=IdeatorConfig)
     context: Literal["task", "full"] = "task"  # task: env.task_text() (small models); full: env.context()
     # structured: knob objects under the env's schema; free_form: text ideas that the executor's
@@ -347,19 +341,13 @@ class Search:
     # ------------------------------------------------------------------ setup
     def open(self) -> None:
         from actors.scheduler import Scheduler
-        from envs.codebase import load_dir, load_packaged
         from selftaught.runtime import init_ray
 
         init_ray(self.cfg.ray)
         self.scheduler = Scheduler(self.cfg.executor.scheduler)
         for arm in self.cfg.arms:
-            ex = self.cfg.executor.model_copy(update={"run_dir": str(self.run_dir / arm / "env"),
-                                                      "implementer": self._implementer_cfg()})
-            load = (lambda: load_dir(self.cfg.env_dir, self.cfg.spec_file, self.cfg.spec_overrides, ex,
-                                     scheduler=self.scheduler)) if self.cfg.env_dir else \
-                (lambda: load_packaged(self.cfg.env, self.cfg.spec_file, self.cfg.spec_overrides, ex,
-                                       scheduler=self.scheduler))
-            self.envs[arm] = load()
+            self.envs[arm] = self.cfg.load_env(self.run_dir / arm / "env", scheduler=self.scheduler,
+                                               executor_update={"implementer": self._implementer_cfg()})
         env = self.envs[self.cfg.arms[0]]
         self.schema = None if self.cfg.ideas == "free_form" else env.idea_schema()
         if self.cfg.ideas == "structured" and self.schema is None:
