@@ -11,6 +11,7 @@ PIPELINES: dict[str, str] = {
     "sbp": "pipelines.sbp",
     "s1": "pipelines.s1",
     "research_search": "pipelines.research_search",
+    "research_rl": "pipelines.research_rl",
 }
 
 

@@ -14,6 +14,7 @@
     selftaught research serve [-c examples/research/serve.yaml]
     selftaught research search -c examples/research/search-toy.yaml [--set batch_size=8 ...] [--plan]
     selftaught research ui runs/research/search-toy [--port 5000]
+    selftaught research rl -c examples/research/rl-tiny.yaml
 
 Every command resolves one typed config (file + ``--set`` overrides, unknown keys are errors)
 and prints it on request; ``run`` saves it as ``config.yaml`` in the run directory.
@@ -285,6 +286,19 @@ def cmd_research_serve(args) -> int:
     return _serve_until_interrupted()
 
 
+def cmd_research_rl(args) -> int:
+    """GRPO on the ideator from execution reward (pipelines/research_rl.py)."""
+    from selftaught.config import apply_overrides, load_yaml
+    from pipelines.research_rl import RLRunConfig, run
+
+    data = load_yaml(args.config) if args.config else {}
+    summary = run(RLRunConfig.model_validate(apply_overrides(data, list(args.overrides))))
+    for arm, t in summary["arms"].items():
+        print(json.dumps({"objective": arm, **t}, default=str))
+    print(f"# report: {summary['report']}", file=sys.stderr)
+    return 0
+
+
 def cmd_research_ui(args) -> int:
     """``mlflow ui`` on a search's record (its SQLite store in the run directory)."""
     import shutil
@@ -432,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the worst-case jobs, device-hours and LLM dollars per role against the caps; run nothing")
     r.set_defaults(fn=cmd_research_search)
 
+    r = rsub.add_parser("rl", help="GRPO on the ideator from executed rewards, objectives compared at equal budget")
+    _config_args(r, required=True)
+    r.set_defaults(fn=cmd_research_rl)
     r = rsub.add_parser("ui", help="browse a search's ideas in the MLflow UI (mlflow ui on <run_dir>/mlflow.db)")
     r.add_argument("run_dir")
     r.add_argument("--host", default="127.0.0.1")

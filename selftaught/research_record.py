@@ -243,3 +243,55 @@ def write_report(run_dir: str | Path, summary: dict[str, Any], epochs: dict[str,
     path = run_dir / "report.md"
     path.write_text("\n".join(L) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------- RL report
+def write_rl_report(run_dir: str | Path, summary: dict[str, Any], curves: dict[str, list[dict[str, Any]]]) -> Path:
+    """``report.md`` and ``rl.png`` of an RL run: mean and max reward per step for each
+    objective, diversity, and a table at equal budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for arm, rows in curves.items():
+        xs = [r["step"] for r in rows]
+        axes[0].plot(xs, [r["mean_reward"] for r in rows], marker="o", label=arm)
+        axes[1].plot(xs, [r["max_reward"] for r in rows], marker="o", label=arm)
+        axes[2].plot(xs, [r["distinct_frac"] for r in rows], marker="o", label=arm)
+    for ax, title in zip(axes, ("mean reward of the group", "max reward of the group", "distinct ideas / group")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "rl.png", dpi=100)
+    plt.close(fig)
+    L = ["# RL on the ideator", "",
+         f"Environment `{summary['env']}`, policy `{summary['model']}`; {summary['prompts_per_step']} group(s) of "
+         f"{summary['group_size']} ideas per step, {summary['steps']} steps per objective; maximum staleness "
+         f"{summary['max_staleness']} (0: on-policy).", "",
+         "## Objectives at equal budget", "",
+         "| objective | steps | ideas | jobs | CPU-h | GPU-h | mean reward, first -> last steps | "
+         "max reward, first -> last steps | best | distinct (last) | weight sync s | step s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, a in summary["arms"].items():
+        L.append(f"| {arm} | {a['steps']} | {a['ideas']} | {a['jobs']} | {_fmt(a['cpu_hours'], 3)} | "
+                 f"{_fmt(a['gpu_hours'], 3)} | {_fmt(a['mean_first'])} -> {_fmt(a['mean_last'])} | "
+                 f"{_fmt(a['max_first'])} -> {_fmt(a['max_last'])} | {_fmt(a['best'])} | {_fmt(a['distinct_last'], 3)} | "
+                 f"{_fmt(a['sync_s_mean'], 3)} | {_fmt(a['step_s_mean'], 3)} |")
+    L += ["", "(first / last: the mean over the first and the last third of the steps, at most 3 each.)", "",
+          "![rl](rl.png)", "", "## Per step", "",
+          "| objective | step | mean | max | valid | distinct | masked groups | stale | loss | clip | sync s | step s | best idea |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, rows in curves.items():
+        for r in rows:
+            best = str(r.get("best_idea", "")).replace("|", "/").replace("\n", " ")[:80]
+            L.append(f"| {arm} | {r['step']} | {_fmt(r['mean_reward'])} | {_fmt(r['max_reward'])} | "
+                     f"{_fmt(r['valid_frac'], 3)} | {_fmt(r['distinct_frac'], 3)} | {len(r.get('masked_groups') or [])} | "
+                     f"{r.get('stale', 0)} | {_fmt(r.get('loss'))} | {_fmt(r.get('clip_frac'), 3)} | "
+                     f"{_fmt(r['sync_s'], 3)} | {_fmt(r['step_s'], 3)} | `{best}` |")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(L) + "\n")
+    return path

@@ -188,12 +188,12 @@ def grpo_update(trainer, rollouts: Sequence[Rollout], cfg: RLConfig, version: in
     """One optimizer step of ``trainer`` (a ``trainers.loop._Trainer``) on these rollouts.
 
     Drops rollouts staler than ``cfg.max_staleness``; the old policy is the trainer itself before
-    the step (on-policy) or, for a lagging rollout, the engine's log-probs that sampled it."""
+    the step (on-policy: one forward per micro-batch, no separate pass) or, for a lagging rollout,
+    the engine's log-probs that sampled it."""
     keep, stale = fresh_enough(rollouts, version, cfg.max_staleness)
     adv, info = assign_advantages(keep, cfg)
     micro = trainer.cfg.grad_accum
     batches = pack(keep, adv, micro, pad_id=pad_id)
-    own = logprobs_of(trainer.core, batches, trainer.device)
     refs = logprobs_of(reference, batches, trainer.device) if (reference is not None and cfg.kl_coef > 0) \
         else [None] * len(batches)
     tokens = float(sum(float(b.mask[:, 1:].sum()) for b, _ in batches))
@@ -202,13 +202,16 @@ def grpo_update(trainer, rollouts: Sequence[Rollout], cfg: RLConfig, version: in
         return {**info, "stale": stale, "tokens": 0, "stepped": False, **totals}
     scale = 1.0 / tokens
     for i, (b, extra) in enumerate(batches):
-        lagging = (version - extra["versions"]) > 0
-        old = torch.where(lagging[:, None], extra["behaviour"], own[i])  # importance correction for lagging rows
+        lagging = ((version - extra["versions"]) > 0).to(trainer.device)
 
-        def loss_fn(model, batch, old=old, extra=extra, ref=refs[i]):
+        def loss_fn(model, batch, extra=extra, ref=refs[i], lagging=lagging):
             ids = batch.ids.to(trainer.device)
             new = token_logprobs(model, ids)
-            loss, st = grpo_loss_sum(new[:, 1:], old.to(trainer.device)[:, 1:],
+            # the old policy: for an on-policy row the trainer itself before this step, which is
+            # new.detach() exactly (the weights change only at the optimizer step, after every
+            # micro-batch); for a lagging row the engine's log-probs that sampled it
+            old = torch.where(lagging[:, None], extra["behaviour"].to(trainer.device), new.detach())
+            loss, st = grpo_loss_sum(new[:, 1:], old[:, 1:],
                                      extra["advantages"].to(trainer.device), batch.mask[:, 1:].to(trainer.device),
                                      cfg.clip, None if ref is None else ref.to(trainer.device)[:, 1:], cfg.kl_coef)
             totals["clipped"] += float(st["clipped"])
@@ -225,3 +228,73 @@ def grpo_update(trainer, rollouts: Sequence[Rollout], cfg: RLConfig, version: in
 def policy_state(trainer) -> dict[str, torch.Tensor]:
     """The trainer's current weights for the rollout engines' ``update_weights`` (CPU tensors)."""
     return {k: v.detach().to("cpu").clone() for k, v in trainer.core.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- the learner
+class PolicyLearner:
+    """The policy being trained: the trainer loop's ``_Trainer`` (its engine, optimizer, schedule
+    and checkpoint format) around a causal LM, a frozen reference when KL is on, and the policy
+    version (updates so far). Plain Python; :func:`learner_actor_class` runs it as a Ray actor on
+    its own resources, apart from the rollout engines and the executor's job slots."""
+
+    def __init__(self, model: str, train: dict, rl: dict, total_steps: int, device: str = "cpu",
+                 num_threads: int | None = None):
+        from selftaught.models import load_causal_lm
+        from trainers.config import TrainConfig
+        from trainers.loop import _Trainer
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.rl = RLConfig.model_validate(rl)
+        cfg = TrainConfig.model_validate(train)
+        torch.manual_seed(cfg.seed)
+        self.tokenizer, net = load_causal_lm(model, device=device)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.trainer = _Trainer(net, cfg, total_steps=max(1, total_steps), device=device, world=1)
+        self.reference = None
+        if self.rl.kl_coef > 0:
+            _, self.reference = load_causal_lm(model, device=device)
+        self.version = 0
+
+    def update(self, rollouts: Sequence[dict], version: int | None = None) -> dict[str, Any]:
+        rs = [r if isinstance(r, Rollout) else Rollout(**r) for r in rollouts]
+        stats = grpo_update(self.trainer, rs, self.rl, self.version if version is None else version,
+                            reference=self.reference, pad_id=self.pad_id)
+        if stats["stepped"]:
+            self.version += 1
+        stats["version"] = self.version
+        return stats
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return policy_state(self.trainer)
+
+    def save(self, path: str, extra: dict[str, Any]) -> str:
+        from pathlib import Path
+
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.trainer.save(tmp, 0, {**extra, "version": self.version, "rng": torch.get_rng_state()})
+        shutil.rmtree(p, ignore_errors=True)
+        tmp.rename(p)  # a checkpoint is either whole or absent
+        return str(p)
+
+    def load(self, path: str) -> dict[str, Any]:
+        from pathlib import Path
+
+        extra = self.trainer.load(Path(path), 0)
+        self.version = int(extra["version"])
+        torch.set_rng_state(extra["rng"])
+        return extra
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.version, "lr": self.trainer.lr()}
+
+
+def learner_actor_class():
+    """``ray.remote(PolicyLearner)``: size it with ``.options(num_cpus=..., num_gpus=...)``."""
+    import ray
+
+    return ray.remote(PolicyLearner)
