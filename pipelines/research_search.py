@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import sqlite3
 import threading
 import time
@@ -233,6 +232,30 @@ def _ideator_cfg(cfg: SearchConfig, run_dir: Path, ledger_path: str) -> IdeatorC
     return ic.model_copy(update=upd)
 
 
+def ideator_worst_case(cfg: SearchConfig, ic: IdeatorConfig, context_chars: int) -> dict[str, Any]:
+    """The most the ideator can cost, one rule for the run's estimate, the check before each
+    round and ``--plan``: every epoch's exploit and explore calls, every refill round, every
+    top-up round of the ideator (``max_rounds``); each call a prompt of the context plus the
+    largest listing (characters / 3, a generous token count) and all of ``max_new_tokens`` out,
+    at the priciest model of an ensemble. ``per_call_usd`` is None for an unpriced model."""
+    from selftaught.llm import worst_case_cost
+
+    per_epoch = math.ceil(cfg.batch_size / ic.batch_size) * 2 * cfg.refill_rounds * ic.max_rounds
+    calls = per_epoch * cfg.epochs * len(cfg.arms)
+    prompt = cfg.estimate_prompt_tokens or (min(context_chars, ic.max_context_chars)
+                                            + max(ic.explore_budget_chars, ic.exploit_budget_chars) + 2000) // 3
+    out: dict[str, Any] = {"calls": calls, "prompt_tokens": prompt, "max_tokens": ic.sampling.max_new_tokens}
+    if ic.backend == "local":
+        return {**out, "per_call_usd": 0.0, "usd": 0.0}
+    try:
+        per = max(worst_case_cost(m.llm, int(prompt * m.llm.budget_margin), ic.sampling.max_new_tokens)
+                  for m in ic.ensemble) if ic.ensemble else \
+            worst_case_cost(ic.llm, int(prompt * ic.llm.budget_margin), ic.sampling.max_new_tokens)
+    except Exception as e:  # noqa: BLE001 - no known or declared price
+        return {**out, "per_call_usd": None, "usd": None, "error": str(e)}
+    return {**out, "per_call_usd": per, "usd": per * calls}
+
+
 def implementer_worst_case(impl: dict[str, Any] | None, jobs: int) -> float | None:
     """Implementer dollars if every job used every chain and revision at full prompt and
     answer length (None: a model without a known or declared price)."""
@@ -260,7 +283,6 @@ def plan(cfg: SearchConfig) -> dict[str, Any]:
     from envs.codebase import env_dir
     from envs.spec import CodebaseEnvSpec
     from selftaught.idea_judge import IdeaJudge
-    from selftaught.llm import worst_case_cost
 
     root = Path(cfg.env_dir) if cfg.env_dir else env_dir(cfg.env) if ENVS.get(cfg.env, "").startswith(
         "envs.codebase:") else None
@@ -270,19 +292,12 @@ def plan(cfg: SearchConfig) -> dict[str, Any]:
     free = cfg.ideas == "free_form" or (cfg.ideas == "auto" and not spec.knobs)
     ic = cfg.ideator
     jobs = cfg.batch_size * cfg.epochs * len(cfg.arms)
-    hours = (spec.time_limit_s + spec.evaluator.time_limit_s) / 3600.0  # the longest a job may hold its devices
-    calls = math.ceil(cfg.batch_size / ic.batch_size) * 2 * cfg.refill_rounds * cfg.epochs * len(cfg.arms)
+    # the longest a job may hold its devices (the worker is killed after its limits and the grace)
+    hours = (spec.time_limit_s + spec.evaluator.time_limit_s + cfg.executor.scheduler.grace_s) / 3600.0
     context = ic.max_context_chars if cfg.context == "full" else len(spec.description)
-    prompt = (context + max(ic.explore_budget_chars, ic.exploit_budget_chars) + 2000) // 3  # chars/3: generous
-    roles: dict[str, float | None] = {}
-    if ic.backend == "local":
-        roles["ideator"] = 0.0
-    else:
-        models = [m.llm for m in ic.ensemble] or [ic.llm]
-        try:
-            roles["ideator"] = calls * max(worst_case_cost(m, prompt, ic.sampling.max_new_tokens) for m in models)
-        except Exception:  # noqa: BLE001
-            roles["ideator"] = None
+    ideator = ideator_worst_case(cfg, ic, context)
+    calls = ideator["calls"]
+    roles: dict[str, float | None] = {"ideator": ideator["usd"]}
     roles["implementer"] = implementer_worst_case(cfg.executor.implementer, jobs) if free else 0.0
     try:
         roles["judge"] = IdeaJudge(cfg.judge).worst_case_usd(jobs)
@@ -398,26 +413,24 @@ class Search:
         """Worst-case LLM dollars of the whole search: every refill round of the ideator used,
         and (with an LLM judge) one judge call per planned job."""
         c, ic = self.cfg, self.icfg
-        per_epoch_calls = math.ceil(c.batch_size / ic.batch_size) * 2  # exploit + explore calls at most
-        calls = per_epoch_calls * c.refill_rounds * c.epochs * len(c.arms)
-        prompt = c.estimate_prompt_tokens or (len(self.context) + ic.explore_budget_chars + 2000) // 4
-        out: dict[str, Any] = {"calls": calls, "prompt_tokens": prompt, "max_tokens": ic.sampling.max_new_tokens,
-                               "jobs": c.batch_size * c.epochs * len(c.arms)}
+        out: dict[str, Any] = {**ideator_worst_case(c, ic, len(self.context)), "jobs": c.batch_size * c.epochs * len(c.arms)}
         if ic.backend == "local":
-            out.update(usd=0.0, per_call_usd=0.0, note="local ideator: no ideator dollars")
-        else:
-            try:
-                out.update(self.ledger.estimate(calls, prompt, ic.sampling.max_new_tokens, ic.llm, role="ideator"))
-            except Exception as e:  # noqa: BLE001 - an unpriced model: the client refuses it anyway
-                out.update(usd=None, error=str(e))
-        judge_usd = self.judge.worst_case_usd(out["jobs"])
+            out["note"] = "local ideator: no ideator dollars"
+        try:
+            judge_usd = self.judge.worst_case_usd(out["jobs"])
+        except Exception:  # noqa: BLE001 - unpriced: its client refuses the first call anyway
+            judge_usd = None
         impl_usd = implementer_worst_case(self._implementer_cfg(), out["jobs"]) if self.schema is None else 0.0
         out["ideator_usd"], out["judge_usd"], out["implementer_usd"] = out.get("usd"), judge_usd, impl_usd
-        if out.get("usd") is not None and impl_usd is not None:
-            out["usd"] += judge_usd + impl_usd
-            remaining = self.ledger.snapshot()["remaining"]["usd"]
-            out["remaining_usd"] = remaining
-            out["fits"] = bool(out.get("fits", True)) and (remaining is None or out["usd"] <= remaining + 1e-12)
+        snap = self.ledger.snapshot()["remaining"]
+        out["remaining_usd"], out["role_remaining_usd"] = snap["usd"], snap["role_usd"]
+        if any(v is None for v in (out.get("usd"), judge_usd, impl_usd)):
+            out["usd"], out["fits"] = None, False
+            return out
+        out["usd"] += judge_usd + impl_usd
+        roles = {"ideator": out["ideator_usd"], "judge": judge_usd, "implementer": impl_usd}
+        out["fits"] = (snap["usd"] is None or out["usd"] <= snap["usd"] + 1e-12) and all(
+            roles.get(r, 0.0) <= left + 1e-12 for r, left in snap["role_usd"].items())
         return out
 
     # ------------------------------------------------------------------ one arm-epoch
@@ -447,11 +460,9 @@ class Search:
         """Stop before a round of ideator calls that the caps could not pay for."""
         if self.icfg.backend == "local":
             return
-        from selftaught.llm import worst_case_cost
-
-        prompt = self.cfg.estimate_prompt_tokens or (len(self.context) + 2000) // 4
-        per = worst_case_cost(self.icfg.llm, prompt, self.icfg.sampling.max_new_tokens)
-        self.ledger.check_usd("ideator", per * calls)
+        per = ideator_worst_case(self.cfg, self.icfg, len(self.context))["per_call_usd"]
+        if per is not None:  # unpriced: the client refuses the call itself
+            self.ledger.check_usd("ideator", per * calls)
 
     def _plan(self, arm: str, t: int, hist: list[dict[str, Any]]) -> dict[str, Any]:
         c = self.cfg
