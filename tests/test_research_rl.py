@@ -87,3 +87,18 @@ def test_rl_steps_sync_weights_and_resume_mid_step(ray_cluster, tmp_path, monkey
     assert set(_queued(Path(cfg.run_dir), "mean").values()) == {1}  # no idea ran twice
     report = (Path(cfg.run_dir) / "report.md").read_text()
     assert "## Objectives at equal budget" in report and (Path(cfg.run_dir) / "rl.png").stat().st_size > 0
+
+
+def test_paper_shape_configs_validate():
+    """Groups of 128 ideas x 8 GPUs (nanoGPT) and 256 x 1 GPU (GRPO), 8,192-token rollouts."""
+    from envs.spec import CodebaseEnvSpec
+    from selftaught.config import load_yaml
+
+    for name, g, gpus in (("rl-nanogpt-paper.yaml", 128, 8), ("rl-grpo-paper.yaml", 256, 1)):
+        cfg = RLRunConfig.model_validate(load_yaml(Path("examples/research") / name))
+        spec = CodebaseEnvSpec.load(Path("envs") / cfg.env / cfg.spec_file, cfg.spec_overrides)
+        assert cfg.group_size == g and spec.resources.gpus == gpus and g * gpus in (1024, 256)
+        assert cfg.sampling.max_new_tokens == 8192 and cfg.policy.engine.backend == "vllm"
+        assert cfg.executor.scheduler.max_slots == g  # the whole group can run at once
+    tiny = RLRunConfig.model_validate(load_yaml("examples/research/rl-tiny.yaml"))
+    assert tiny.group_size >= 8 and tiny.objectives == ["mean", "entropic"]
