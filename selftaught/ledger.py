@@ -227,7 +227,8 @@ class Ledger:
         self.caps = BudgetCaps.model_validate_json(row[0]) if row else BudgetCaps()
         dropped = self.release_stale()
         if dropped:
-            log.warning("%s: dropped %d reservations of processes that are gone", self.path, dropped)
+            log.warning("%s: settled %d reservations of processes that are gone (an LLM call's counts as unsettled "
+                        "spend at its worst case)", self.path, dropped)
 
     @classmethod
     def for_run(cls, run_dir: str | Path, caps: BudgetCaps | dict[str, Any] | None = None) -> "Ledger":
@@ -248,15 +249,23 @@ class Ledger:
         return self.caps
 
     def release_stale(self, max_age_s: float | None = None) -> int:
-        """Drop reservations whose process (on this host) is gone, and with ``max_age_s`` any
-        older than that (e.g. from another host that died). Returns how many were dropped."""
+        """Settle reservations whose process (on this host) is gone, and with ``max_age_s`` any
+        older than that (e.g. from another host that died). Returns how many there were.
+
+        A compute hold is dropped (its job's worker died with the process, or is charged when
+        its result is collected). An LLM call's hold becomes *unsettled* spend, still counted
+        against the caps at its worst case: the provider may have billed a call whose answer
+        never came back, and a hard cap must not assume it did not."""
         with _Tx(self._con, self._lock) as con:
-            rows = con.execute("SELECT id, pid, host, created FROM reservations").fetchall()
+            rows = con.execute("SELECT id, kind, pid, host, created FROM reservations WHERE kind != 'unsettled'"
+                               ).fetchall()
             now = time.time()
-            stale = [i for i, pid, host, created in rows
+            stale = [(i, kind) for i, kind, pid, host, created in rows
                      if (host == self._host and pid is not None and not _pid_alive(pid))
                      or (max_age_s is not None and created is not None and now - created > max_age_s)]
-            con.executemany("DELETE FROM reservations WHERE id=?", [(i,) for i in stale])
+            con.executemany("UPDATE reservations SET kind='unsettled', pid=NULL WHERE id=?",
+                            [(i,) for i, kind in stale if kind == "llm"])
+            con.executemany("DELETE FROM reservations WHERE id=?", [(i,) for i, kind in stale if kind != "llm"])
         return len(stale)
 
     # ------------------------------------------------------------------ LLM dollars
@@ -268,12 +277,13 @@ class Ledger:
         caps = self._caps(con)
         if caps.total_usd is not None:
             used = self._sum(con, "SELECT SUM(usd) FROM llm")
-            held = self._sum(con, "SELECT SUM(usd) FROM reservations WHERE kind='llm'")
+            held = self._sum(con, "SELECT SUM(usd) FROM reservations WHERE kind IN ('llm', 'unsettled')")
             if used + held + usd > caps.total_usd + _EPS:
                 raise BudgetExceeded("total_usd", caps.total_usd, used, held, usd)
         if role in caps.role_usd:
             used = self._sum(con, "SELECT SUM(usd) FROM llm WHERE role=?", role)
-            held = self._sum(con, "SELECT SUM(usd) FROM reservations WHERE kind='llm' AND key=?", role)
+            held = self._sum(con, "SELECT SUM(usd) FROM reservations WHERE kind IN ('llm', 'unsettled') AND key=?",
+                             role)
             if used + held + usd > caps.role_usd[role] + _EPS:
                 raise BudgetExceeded(f"role_usd[{role}]", caps.role_usd[role], used, held, usd)
 
@@ -406,22 +416,26 @@ class Ledger:
             held = con.execute("SELECT kind, key, SUM(usd), SUM(gpu_hours), SUM(cpu_hours), SUM(jobs) "
                                "FROM reservations GROUP BY kind, key").fetchall()
         for r in roles.values():
-            r["reserved_usd"] = 0.0
+            r["reserved_usd"] = r["unsettled_usd"] = 0.0
         for e in envs.values():
             e.update(reserved_jobs=0, reserved_gpu_hours=0.0, reserved_cpu_hours=0.0)
         for kind, key, usd, gh, ch, jobs in held:
-            if kind == "llm":
-                roles.setdefault(key, {**dict.fromkeys(_LLM_COLS, 0), "reserved_usd": 0.0})["reserved_usd"] = usd
+            if kind in ("llm", "unsettled"):  # unsettled: calls of a dead process, maybe billed
+                col = "reserved_usd" if kind == "llm" else "unsettled_usd"
+                roles.setdefault(key, {**dict.fromkeys(_LLM_COLS, 0), "reserved_usd": 0.0,
+                                       "unsettled_usd": 0.0})[col] = usd
             else:
                 envs.setdefault(key, {**dict.fromkeys(_ENV_COLS, 0), "reserved_jobs": 0, "reserved_gpu_hours": 0.0,
                                       "reserved_cpu_hours": 0.0}).update(
                     reserved_jobs=jobs, reserved_gpu_hours=gh, reserved_cpu_hours=ch)
-        total: dict[str, Any] = {c: sum(r[c] for r in roles.values()) for c in (*_LLM_COLS, "reserved_usd")}
+        total: dict[str, Any] = {c: sum(r[c] for r in roles.values())
+                                 for c in (*_LLM_COLS, "reserved_usd", "unsettled_usd")}
         total.update({c: sum(e[c] for e in envs.values())
                       for c in (*_ENV_COLS, "reserved_jobs", "reserved_gpu_hours", "reserved_cpu_hours")})
         remaining: dict[str, Any] = {
-            "usd": None if caps.total_usd is None else caps.total_usd - total["usd"] - total["reserved_usd"],
-            "role_usd": {k: v - roles.get(k, {}).get("usd", 0.0) - roles.get(k, {}).get("reserved_usd", 0.0)
+            "usd": None if caps.total_usd is None else
+            caps.total_usd - total["usd"] - total["reserved_usd"] - total["unsettled_usd"],
+            "role_usd": {k: v - sum(roles.get(k, {}).get(c, 0.0) for c in ("usd", "reserved_usd", "unsettled_usd"))
                          for k, v in caps.role_usd.items()}}
         for c in _ENV_COLS:
             limit = getattr(caps, c)

@@ -56,7 +56,8 @@ def test_usd_caps_reserve_settle_release(tmp_path):
     ledger.record_hit("judge", 0.75)
     snap = ledger.snapshot()
     assert snap["roles"]["ideator"] == {"calls": 1, "cache_hits": 0, "errors": 0, "prompt_tokens": 100,
-                                        "completion_tokens": 50, "usd": 2.0, "saved_usd": 0.0, "reserved_usd": 0.0}
+                                        "completion_tokens": 50, "usd": 2.0, "saved_usd": 0.0, "reserved_usd": 0.0,
+                                        "unsettled_usd": 0.0}
     assert snap["roles"]["judge"]["errors"] == 1 and snap["roles"]["judge"]["saved_usd"] == 0.75
     assert snap["total"]["usd"] == 2.0 and snap["total"]["reserved_usd"] == 0.0
     assert snap["remaining"]["usd"] == 8.0 and snap["remaining"]["role_usd"] == {"judge": 3.0}
@@ -112,18 +113,24 @@ def test_reservations_are_atomic_across_processes(tmp_path):
     assert sum(outs) == 30 and Ledger(path).snapshot()["total"]["usd"] == 30.0
 
 
-def test_reservations_of_a_killed_process_are_dropped_on_open(tmp_path):
+def test_holds_of_a_killed_process_are_settled_on_open(tmp_path):
+    """A killed process's compute hold is dropped; its LLM call's hold becomes unsettled spend,
+    still counted against the caps (the provider may have billed the call)."""
     path = tmp_path / "l.sqlite"
     Ledger(path, caps={"total_usd": 10.0, "gpu_hours": 4.0})
     code = ("import os, sys\nfrom selftaught.ledger import Ledger\nl = Ledger(sys.argv[1])\n"
             "l.reserve_usd('ideator', 9.0)\nl.reserve_compute('gpu', gpu_hours=4.0)\nos._exit(0)\n")
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=120)  # dies holding both
-    ledger = Ledger(path)  # opening drops holds of processes that are gone
+    ledger = Ledger(path)  # opening settles holds of processes that are gone
     snap = ledger.snapshot()
     assert snap["total"]["reserved_usd"] == 0.0 and snap["total"]["reserved_gpu_hours"] == 0.0
-    ledger.reserve_usd("ideator", 9.0)
-    # a live holder is kept; max_age_s drops old holds whatever their owner
+    assert snap["roles"]["ideator"]["unsettled_usd"] == 9.0 and snap["remaining"]["usd"] == pytest.approx(1.0)
+    with pytest.raises(BudgetExceeded, match="total_usd"):
+        ledger.reserve_usd("ideator", 2.0)  # the maybe-billed 9.0 still counts
+    held = ledger.reserve_usd("ideator", 0.5)
+    # a live holder is kept; max_age_s settles old holds whatever their owner; unsettled ones stay
     assert ledger.release_stale() == 0 and ledger.release_stale(max_age_s=0.0) == 1
+    assert ledger.snapshot()["roles"]["ideator"]["unsettled_usd"] == pytest.approx(9.5) and held.usd == 0.5
 
 
 def test_compute_caps(tmp_path):
