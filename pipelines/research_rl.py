@@ -32,7 +32,6 @@ import math
 import sqlite3
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,7 +181,8 @@ class RLRun:
         """G ideas per prompt copy from the rollout engines, with the log-probs of every sampled token."""
         messages, schema, fmt = self._prompt(env)
         upd: dict[str, Any] = {"n": self.cfg.group_size, "logprobs": 0,
-                               "seed": (self.cfg.seed * 1_000_003 + step * 7919 + zlib.crc32(arm.encode()) % 997) % (2 ** 62)}
+                               # the same seeds in every objective: paired samples (common random numbers)
+                               "seed": (self.cfg.seed * 1_000_003 + step * 7919) % (2 ** 62)}
         if fmt is not None:
             upd["response_format"] = fmt
         sampling = self.cfg.sampling.model_copy(update=upd)
