@@ -254,6 +254,11 @@ class RLRun:
             if (ckpt / "rank-0.pt").exists():
                 extra = ray.get(learner.load.remote(str(ckpt)), timeout=c.rollout_timeout_s)
                 start = int(extra["step"]) + 1
+                state, v_sampled, rollouts, _ = self.journal.get(arm, start - 1)
+                if state != "updated" and rollouts:  # saved, then killed before the journal said so
+                    self.journal.put(arm, start - 1, "updated", v_sampled, rollouts,
+                                     {**self._step_stats(rollouts), "recovered": True, "jobs": 0, "cpu_hours": 0.0,
+                                      "gpu_hours": 0.0, "sync_s": 0.0, "step_s": 0.0})
             t0 = time.perf_counter()
             self.pool.update_weights(ray.get(learner.weights.remote(), timeout=c.rollout_timeout_s))  # this arm's policy
             log.info("%s: engines synced to the learner in %.2fs; starting at step %d", arm, time.perf_counter() - t0,
