@@ -206,6 +206,9 @@ class RLRun:
         schema = env.idea_schema()
         ideas: dict[str, Idea] = {}
         for r in rollouts:
+            if r["meta"].get("finish") == "error":  # the engine failed this sample: not the policy's doing
+                r["meta"]["valid"], r["meta"]["engine_error"] = False, True
+                continue
             parsed = parse_ideas(r["idea"], schema, require_knobs=self.cfg.ideator.require_knobs)
             if r["meta"].get("finish") == "length" or not parsed.ideas:
                 r["meta"]["valid"] = False
@@ -222,7 +225,9 @@ class RLRun:
         cpu_h = gpu_h = 0.0
         for r in rollouts:
             res = results.get(r["meta"].get("idea_id")) if r["meta"].get("valid") else None
-            if not r["meta"].get("valid"):
+            if r["meta"].get("engine_error"):
+                r["reward"], r["infra_failure"] = None, True  # masks the group
+            elif not r["meta"].get("valid"):
                 r["reward"], r["infra_failure"] = 0.0, False
             elif res is None or res.status == "infra_failed":
                 r["reward"], r["infra_failure"] = None, True

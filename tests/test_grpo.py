@@ -40,7 +40,7 @@ def test_an_infrastructure_failure_masks_its_whole_group():
     rs = [_ro("a", 1.0), _ro("a", 0.0), _ro("b", 1.0), _ro("b", None, infra=True), _ro("c", 0.0), _ro("c", None)]
     adv, info = assign_advantages(rs, RLConfig())
     assert adv[0] > 0 > adv[1]
-    assert adv[2:] == [0.0, 0.0, 0.0, 0.0]  # b: infra failure; c: a reward still missing
+    assert adv[2:] == [None, None, None, None]  # b: infra failure; c: a reward still missing
     assert set(info["masked_groups"]) == {"b", "c"} and info["used_groups"] == 1
     # an idea that failed to execute is a reward of 0, not a mask
     adv, info = assign_advantages([_ro("d", 0.0), _ro("d", 0.5)], RLConfig())
@@ -149,3 +149,19 @@ def test_stale_rollouts_are_importance_corrected_or_dropped(policy, tiny_lm_dir)
     # ... and at staleness 1 learned from with ratio pi / pi_behaviour = e^0.5, outside the clip
     st = grpo_update(policy, rs, RLConfig(max_staleness=1), version=1)
     assert st["stale"] == 0 and st["stepped"] and st["clip_frac"] == pytest.approx(1.0)
+
+
+def test_a_group_of_equal_rewards_takes_no_step(policy, tiny_lm_dir):
+    """Zero advantages everywhere and no KL term: a zero gradient, and AdamW's momentum would
+    still move the weights, so no step is taken; the tokens still count."""
+    from actors.engine import create_engine
+    from selftaught.config import EngineConfig
+
+    engine = create_engine(EngineConfig(backend="transformers", model=str(tiny_lm_dir)))
+    rs = _rollouts(engine, "The river", 4)
+    for r in rs:
+        r.reward = 0.5
+    before = {k: v.clone() for k, v in policy.core.state_dict().items()}
+    st = grpo_update(policy, rs, RLConfig(), version=0)
+    assert not st["stepped"] and st["tokens"] == sum(len(r.completion_ids) for r in rs)
+    assert all(torch.equal(v, policy.core.state_dict()[k]) for k, v in before.items())

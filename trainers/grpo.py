@@ -87,13 +87,13 @@ def group_advantages(rewards: Sequence[float], objective: Objective = "mean", *,
     raise ValueError(f"unknown objective {objective!r}")
 
 
-def assign_advantages(rollouts: Sequence[Rollout], cfg: RLConfig) -> tuple[list[float], dict[str, Any]]:
+def assign_advantages(rollouts: Sequence[Rollout], cfg: RLConfig) -> tuple[list[float | None], dict[str, Any]]:
     """Advantages per rollout, group by group; groups with an infrastructure failure (when
-    masked) or without a full set of rewards get 0, and are reported."""
+    masked) or without a full set of rewards get None (masked out of the loss), and are reported."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rollouts):
         groups.setdefault(r.group, []).append(i)
-    adv = [0.0] * len(rollouts)
+    adv: list[float | None] = [None] * len(rollouts)  # None: a masked group, no tokens in the loss
     masked, used = [], []
     for gid, idx in groups.items():
         rs = [rollouts[i] for i in idx]
@@ -114,11 +114,12 @@ def fresh_enough(rollouts: Sequence[Rollout], version: int, max_staleness: int) 
 
 
 # --------------------------------------------------------------------------- batches and loss
-def pack(rollouts: Sequence[Rollout], advantages: Sequence[float], micro_batches: int,
+def pack(rollouts: Sequence[Rollout], advantages: Sequence[float | None], micro_batches: int,
          pad_id: int = 0) -> list[tuple[Batch, dict[str, torch.Tensor]]]:
     """Exactly ``micro_batches`` right-padded micro-batches (the engine's accumulation count).
     Each row is prompt + completion; the loss mask is 1 on completion tokens only, and a row
-    with advantage 0 (a masked group) carries no loss tokens at all."""
+    of a masked group (advantage None) carries no loss tokens at all. A row with advantage 0
+    keeps its tokens: they count in the step's normalisation and carry the KL term."""
     rows = list(zip(rollouts, advantages))
     per = max(1, math.ceil(len(rows) / micro_batches))
     out = []
@@ -137,11 +138,11 @@ def pack(rollouts: Sequence[Rollout], advantages: Sequence[float], micro_batches
             versions[j] = r.version
             p, c = len(r.prompt_ids), len(r.completion_ids)
             ids[j, :p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
-            if a != 0.0:
+            if a is not None:
                 mask[j, p:p + c] = 1
-            if r.behaviour_logprobs is not None:
+            if r.behaviour_logprobs is not None and len(r.behaviour_logprobs) >= c:
                 behaviour[j, p:p + c] = torch.tensor(r.behaviour_logprobs[:c], dtype=torch.float32)
-            adv[j] = a
+            adv[j] = a or 0.0
         out.append((Batch("rl", ids, mask, None), {"advantages": adv, "behaviour": behaviour, "versions": versions}))
     return out
 
@@ -198,8 +199,11 @@ def grpo_update(trainer, rollouts: Sequence[Rollout], cfg: RLConfig, version: in
         else [None] * len(batches)
     tokens = float(sum(float(b.mask[:, 1:].sum()) for b, _ in batches))
     totals: dict[str, float] = {"loss": 0.0, "clipped": 0.0, "kl": 0.0}
-    if tokens == 0:  # every group masked: nothing to learn from, no step taken
-        return {**info, "stale": stale, "tokens": 0, "stepped": False, **totals}
+    informative = any(a for a in adv) or (cfg.kl_coef > 0 and reference is not None)
+    if tokens == 0 or not informative:
+        # every group masked, or every advantage 0 with no KL term: a zero gradient, yet AdamW's
+        # momentum would still move the weights, so no step is taken
+        return {**info, "stale": stale, "tokens": int(tokens), "stepped": False, **totals}
     scale = 1.0 / tokens
     for i, (b, extra) in enumerate(batches):
         lagging = ((version - extra["versions"]) > 0).to(trainer.device)
