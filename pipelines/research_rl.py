@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from pydantic import Field, model_validator
 from actors.ideator import IdeatorConfig
 from envs.codebase import ResearchConfig
 from selftaught.config import EngineConfig, SamplingConfig, Strict, save
+from selftaught.storage import SqliteJournal
 from trainers.config import TrainConfig
 from trainers.grpo import Objective, RLConfig
 
@@ -98,31 +98,25 @@ CREATE TABLE IF NOT EXISTS steps (arm TEXT, step INTEGER, state TEXT, version IN
 """
 
 
-class RLJournal:
+class RLJournal(SqliteJournal):
+    """Each step of each objective: its rollouts, their state (sampled, executed, updated) and stats."""
+
     def __init__(self, path: Path):
-        self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        super().__init__(path, _SCHEMA)
 
     def get(self, arm: str, step: int) -> tuple[str | None, int | None, list[dict], dict]:
-        with self._lock:
-            row = self.db.execute("SELECT state, version, rollouts, stats FROM steps WHERE arm=? AND step=?",
-                                  (arm, step)).fetchone()
-        if row is None:
+        rows = self.x("SELECT state, version, rollouts, stats FROM steps WHERE arm=? AND step=?", (arm, step))
+        if not rows:
             return None, None, [], {}
-        return row[0], row[1], json.loads(row[2] or "[]"), json.loads(row[3] or "{}")
+        state, version, rollouts, stats = rows[0]
+        return state, version, json.loads(rollouts or "[]"), json.loads(stats or "{}")
 
     def put(self, arm: str, step: int, state: str, version: int, rollouts: list[dict], stats: dict | None = None) -> None:
-        with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?)",
-                            (arm, step, state, version, json.dumps(rollouts), json.dumps(stats or {}, default=str),
-                             time.time()))
+        self.x("INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?)",
+               (arm, step, state, version, json.dumps(rollouts), json.dumps(stats or {}, default=str), time.time()))
 
     def done(self, arm: str) -> list[dict]:
-        with self._lock:
-            rows = self.db.execute("SELECT step, stats FROM steps WHERE arm=? AND state='updated' ORDER BY step",
-                                   (arm,)).fetchall()
+        rows = self.x("SELECT step, stats FROM steps WHERE arm=? AND state='updated' ORDER BY step", (arm,))
         return [{"step": s, **json.loads(st)} for s, st in rows]
 
 

@@ -36,8 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -49,6 +47,7 @@ from envs.codebase import ResearchConfig
 from selftaught.config import Strict, save
 from selftaught.idea_judge import JudgeConfig
 from selftaught.ledger import BudgetCaps, BudgetExceeded
+from selftaught.storage import SqliteJournal
 from selftaught.novelty import NoveltyConfig
 
 log = logging.getLogger(__name__)
@@ -129,18 +128,11 @@ CREATE TABLE IF NOT EXISTS judgements (arm TEXT, idea_id TEXT, kind TEXT, source
 """
 
 
-class SearchJournal:
+class SearchJournal(SqliteJournal):
     """The search's SQLite journal (WAL; one transaction per write)."""
 
     def __init__(self, path: Path):
-        self._lock = threading.Lock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
-
-    def x(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self.db.execute(sql, args).fetchall()
+        super().__init__(path, _SCHEMA)
 
     def meta(self, key: str, default: Any = None) -> Any:
         rows = self.x("SELECT value FROM meta WHERE key=?", (key,))
@@ -464,11 +456,16 @@ class Search:
         if per is not None:  # unpriced: the client refuses the call itself
             self.ledger.check_usd("ideator", per * calls)
 
-    def _plan(self, arm: str, t: int, hist: list[dict[str, Any]]) -> dict[str, Any]:
+    def _target(self, arm: str, t: int) -> tuple[int, int]:
+        """(ideas the arm should execute in epoch t, of which owed by earlier epochs' shortfall)."""
         c = self.cfg
         admitted_before = len(self.journal.proposals(arm, before=t, novel=True))  # executed or still running
         owed = max(0, c.batch_size * t - admitted_before) if c.carry_shortfall else 0
-        target = c.batch_size + owed
+        return c.batch_size + owed, owed
+
+    def _plan(self, arm: str, t: int, hist: list[dict[str, Any]]) -> dict[str, Any]:
+        c = self.cfg
+        target, owed = self._target(arm, t)
         if arm == "best_of_n" or t == 0:
             return {"target": target, "owed": owed, "exploit_share": 0.0 if arm == "evolutionary" else None,
                     "modes": {"fresh": target}}
@@ -538,9 +535,8 @@ class Search:
             return stored["quota"], None if not stored.get("refused") else BudgetExceeded(**stored["refused"])
         want = 0
         for arm in self.cfg.arms:
-            state, plan, _ = self.journal.epoch(arm, t)
-            want = max(want, int(plan.get("target") or 0) if plan else self.cfg.batch_size + max(
-                0, self.cfg.batch_size * t - len(self.journal.proposals(arm, before=t, novel=True))))
+            _, plan, _ = self.journal.epoch(arm, t)
+            want = max(want, int(plan.get("target") or 0) if plan else self._target(arm, t)[0])
         gw, cw = self.job_worst_case()
         n_arms = len(self.cfg.arms)
         quota, refused = 0, None

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,3 +186,20 @@ class RunDir:
 def _short(d: dict[str, Any], limit: int = 200) -> str:
     s = json.dumps(d, default=str)
     return s if len(s) <= limit else s[:limit] + "..."
+
+
+class SqliteJournal:
+    """A run's SQLite journal: one connection shared by threads under a lock, WAL so readers
+    in other processes never block it, autocommit so every statement is its own transaction.
+    Pipelines subclass it with their schema and queries."""
+
+    def __init__(self, path: str | Path, schema: str):
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(schema)
+
+    def x(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Run one statement and return its rows."""
+        with self._lock:
+            return self.db.execute(sql, args).fetchall()

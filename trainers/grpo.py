@@ -26,7 +26,9 @@ before the step, and the ratio is exactly 1 at the first micro-step: plain on-po
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -273,12 +275,8 @@ class PolicyLearner:
         return policy_state(self.trainer)
 
     def save(self, path: str, extra: dict[str, Any]) -> str:
-        from pathlib import Path
-
         p = Path(path)
         tmp = p.with_name(p.name + ".tmp")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         self.trainer.save(tmp, 0, {**extra, "version": self.version, "rng": torch.get_rng_state()})
         shutil.rmtree(p, ignore_errors=True)
@@ -286,8 +284,6 @@ class PolicyLearner:
         return str(p)
 
     def load(self, path: str) -> dict[str, Any]:
-        from pathlib import Path
-
         extra = self.trainer.load(Path(path), 0)
         self.version = int(extra["version"])
         torch.set_rng_state(extra["rng"])
