@@ -72,7 +72,8 @@ def start_generators(engine_cfg: EngineConfig, num_actors: int | None = None) ->
 
     n = num_actors or engine_cfg.num_actors
     cpus = fit_actor_cpus(engine_cfg.cpus_per_actor, n) if engine_cfg.gpus_per_actor == 0 else engine_cfg.cpus_per_actor
-    cls = generator_actor_class().options(num_cpus=cpus, num_gpus=engine_cfg.gpus_per_actor)
+    cls = generator_actor_class().options(num_cpus=cpus, num_gpus=engine_cfg.gpus_per_actor,
+                                          resources=engine_cfg.resources or None)
     return [cls.remote(engine_cfg.model_dump(), cpus) for _ in range(n)]
 
 
@@ -115,10 +116,12 @@ class EnginePool:
         return self._spread("generate", list(prompts), sampling)
 
     def update_weights(self, weights: Any, strict: bool = True) -> list[dict]:
-        """The same new weights into every actor's engine (put in the object store once)."""
+        """The same new weights into every actor's engine. ``weights`` may be an ObjectRef (an
+        RL learner's ``weights.remote()``): the engines then read it from the object store
+        directly, and the driver never holds a copy; anything else is put there once."""
         import ray
 
-        ref = ray.put(weights)
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         return ray.get([a.update_weights.remote(ref, strict) for a in self.actors], timeout=self.timeout_s)
 
 
@@ -193,4 +196,5 @@ def generate_dataset(ds, engine_cfg: EngineConfig, sampling: SamplingConfig | No
         compute=ray.data.ActorPoolStrategy(size=n),
         batch_format="numpy",
         **({"num_cpus": cpus, "num_gpus": gpus} if gpus else {"num_cpus": cpus}),
+        **({"resources": engine_cfg.resources} if engine_cfg.resources else {}),
     )

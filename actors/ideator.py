@@ -767,7 +767,8 @@ def start_ideator(cfg: IdeatorConfig | dict | None = None, **options: Any):
 
         gpus = cfg.engine.gpus_per_actor
         cpus = cfg.engine.cpus_per_actor if gpus else fit_actor_cpus(cfg.engine.cpus_per_actor, 1)
-        options = {"num_cpus": cpus, "num_gpus": gpus, **options}
+        options = {"num_cpus": cpus, "num_gpus": gpus,
+                   **({"resources": cfg.engine.resources} if cfg.engine.resources else {}), **options}
     else:
         options = {"num_cpus": 0.25, **options}
     return ideator_actor_class().options(**options).remote(cfg.model_dump(), None, options.get("num_cpus"))

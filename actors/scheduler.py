@@ -16,6 +16,15 @@ lost, the placement timed out, a job ran past its hard deadline so its worker wa
 retried on a fresh slot up to ``max_infra_retries`` times, then reported as ``infra_failed``.
 Every wait is bounded: queueing (``queue_timeout_s``), placement, and each job's run
 (its own limits plus ``grace_s``).
+
+Gangs (:meth:`Scheduler.reserve`): one placement group of ``count`` bundles, reserved all or
+nothing, whose bundles become slots held until :meth:`Scheduler.release`. RL reserves a whole
+rollout group this way (G ideas x GPUs per idea), so a group never starts half-placed while it
+waits for the rest of the cluster. A gang slot whose worker dies gets a fresh worker in the same
+bundle. :meth:`Scheduler.cancel` stops queued or running jobs (their slots are freed at once).
+
+Every job's slot time is traced (``Scheduler.trace``: start, end, slot, GPUs, how long it waited
+for a free slot), which is what utilisation figures are computed from.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from pydantic import Field
 
@@ -35,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 class SchedulerConfig(Strict):
-    max_slots: int = Field(default=2, ge=1)  # workers per job shape (0 GPUs, 1 GPU, 8 GPUs ...)
+    max_slots: int = Field(default=2, ge=1)  # workers per job shape (0 GPUs, 1 GPU, 8 GPUs ...), gangs aside
     placement_timeout_s: float = Field(default=120.0, gt=0)
     queue_timeout_s: float = Field(default=3600.0, gt=0)  # a job waiting longer fails (infra)
     max_infra_retries: int = Field(default=1, ge=0)
@@ -58,6 +67,8 @@ class Job:
     tries: int = 0
     refunds: int = 0  # tries given back because the worker was dead before the job reached it
     history: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    dispatch_s: float = 0.0  # last start: how long it waited while a slot of its shape was free
 
     @property
     def shape(self) -> tuple:
@@ -76,6 +87,8 @@ class Slot:
     ref: Any = None
     started: float = 0.0
     idle_since: float = field(default_factory=time.monotonic)
+    gang: str | None = None  # the reservation this slot is a bundle of (held until released)
+    bundle: int = 0
 
 
 @dataclass
@@ -103,7 +116,9 @@ class Scheduler:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.stats = {"submitted": 0, "finished": 0, "infra_retries": 0, "slots_created": 0, "slots_lost": 0,
-                      "busy_s": 0.0, "placement_timeouts": 0}
+                      "busy_s": 0.0, "placement_timeouts": 0, "cancelled": 0}
+        self._gangs: dict[str, Any] = {}  # name -> placement group
+        self.trace: deque[dict[str, Any]] = deque(maxlen=200_000)  # one row per job run on a slot
         self._thread = threading.Thread(target=self._loop, name="research-scheduler", daemon=True)
         self._thread.start()
 
@@ -119,6 +134,93 @@ class Scheduler:
             self.stats["submitted"] += 1
         self._wake.set()
         return job_id
+
+    def reserve(self, name: str, count: int, cpus: float = 1.0, gpus: int = 0,
+                custom: dict[str, float] | None = None, strategy: str = "PACK") -> None:
+        """Reserve ``count`` slots of one shape as a gang: one placement group, placed all or
+        nothing (``strategy`` as Ray's: PACK, SPREAD, STRICT_SPREAD). Jobs of that shape use
+        its slots first. :meth:`wait_reserved` waits for it; :meth:`release` gives it back."""
+        from ray.util.placement_group import placement_group
+
+        if count < 1:
+            raise ValueError("a gang needs at least one slot")
+        bundle = {"CPU": float(cpus), **({"GPU": int(gpus)} if gpus else {}), **(custom or {})}
+        shape = (float(cpus), int(gpus), tuple(sorted((custom or {}).items())))
+        with self._lock:
+            if name in self._gangs:
+                raise ValueError(f"gang {name!r} is already reserved")
+            pg = placement_group([bundle] * count, strategy=strategy, name=f"selftaught-gang-{name}")
+            self._gangs[name] = pg
+            for i in range(count):
+                self._slots.append(Slot(self._next_slot, shape, pg, pg.ready(), gang=name, bundle=i))
+                self._next_slot += 1
+                self.stats["slots_created"] += 1
+        self._wake.set()
+
+    def wait_reserved(self, name: str, timeout_s: float) -> float:
+        """Seconds until gang ``name`` was placed and every one of its slots has a worker;
+        TimeoutError (with what it needs and what the cluster has) after ``timeout_s``."""
+        import ray
+
+        t0 = time.monotonic()
+        pg = self._gangs[name]
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            need = pg.bundle_specs
+            total: dict[str, float] = {}
+            for b in need:
+                for k, v in b.items():
+                    total[k] = total.get(k, 0.0) + v
+            raise TimeoutError(f"gang {name!r} ({len(need)} x {need[0]}, {total} in all) was not placed within "
+                               f"{timeout_s:.0f}s; the cluster has {ray.cluster_resources()}") from None
+        while time.monotonic() - t0 < timeout_s:
+            with self._lock:
+                if all(s.actor is not None for s in self._slots if s.gang == name):
+                    return time.monotonic() - t0
+            time.sleep(0.05)
+        raise TimeoutError(f"gang {name!r}: workers not started within {timeout_s:.0f}s")
+
+    def release(self, name: str) -> None:
+        """Give gang ``name``'s reservation back (its idle workers are stopped; a job still
+        running on one of its slots is cancelled)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        with self._lock:
+            pg = self._gangs.pop(name, None)
+            mine = [s for s in self._slots if s.gang == name]
+            busy = [s.job.job_id for s in mine if s.job is not None]
+        if busy:
+            self.cancel(busy)
+        with self._lock:
+            for s in mine:
+                if s in self._slots:
+                    self._slots.remove(s)
+        for s in mine:
+            if s.actor is not None:
+                ray.kill(s.actor, no_restart=True)
+        if pg is not None:
+            remove_placement_group(pg)
+
+    def cancel(self, job_ids: Sequence[str], reason: str = "cancelled") -> int:
+        """Stop these jobs, queued or running (a running job's worker is killed and its slot
+        freed). Each gets an ``infra_failed`` outcome with stage ``cancelled``; returns how many
+        were found."""
+        want, n = set(job_ids), 0
+        with self._lock:
+            for j in [j for j in self._pending if j.job_id in want]:
+                self._pending.remove(j)
+                j.cancelled = True
+                self._emit(j, {"status": "infra_failed", "stage": "cancelled", "error": reason})
+                n += 1
+            running = [s for s in self._slots if s.job is not None and s.job.job_id in want]
+            for s in running:
+                s.job.cancelled = True
+            self.stats["cancelled"] += n + len(running)
+        for s in running:
+            self._lose_slot(s, reason, outcome={"status": "infra_failed", "stage": "cancelled", "error": reason})
+        return n + len(running)
 
     def results(self, timeout_s: float | None = None) -> Iterator[JobOutcome]:
         """Outcomes as they finish, until ``timeout_s`` passes with nothing left to wait for
@@ -151,7 +253,8 @@ class Scheduler:
     def utilisation(self) -> dict[str, Any]:
         with self._lock:
             return {**self.stats, "slots": len(self._slots), "busy": sum(1 for s in self._slots if s.job),
-                    "queued": len(self._pending)}
+                    "queued": len(self._pending), "gangs": {g: sum(1 for s in self._slots if s.gang == g)
+                                                            for g in self._gangs}}
 
     def shutdown(self) -> None:
         import ray
@@ -169,6 +272,12 @@ class Scheduler:
                 except Exception:  # noqa: BLE001 - already gone
                     pass
             self._slots.clear()
+            gangs, self._gangs = list(self._gangs.values()), {}
+        for pg in gangs:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001
+                pass
 
     # ------------------------------------------------------------------ the dispatcher
     def _loop(self) -> None:
@@ -192,7 +301,8 @@ class Scheduler:
             self._wake.clear()
             self._expire_queue()
             return
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.1)
+        # short: a job submitted meanwhile waits for this call to return before it is placed
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.02)
         now = time.monotonic()
         for ref in ready:
             if ref in running:
@@ -202,7 +312,7 @@ class Scheduler:
         with self._lock:
             slots = list(self._slots)
         for s in slots:
-            if s.actor is None and now - s.created > self.cfg.placement_timeout_s:
+            if s.actor is None and s.gang is None and now - s.created > self.cfg.placement_timeout_s:
                 self._placement_timeout(s)
             elif s.job is not None and now - s.started > s.job.deadline_s + self.cfg.grace_s:
                 log.warning("job %s ran past its hard deadline: killing its worker", s.job.job_id)
@@ -216,8 +326,9 @@ class Scheduler:
 
         with self._lock:
             for job in list(self._pending):
-                idle = next((s for s in self._slots if s.shape == job.shape and s.actor is not None
-                             and s.job is None), None)
+                # a gang's slots first: they are held anyway
+                idle = min((s for s in self._slots if s.shape == job.shape and s.actor is not None and s.job is None),
+                           key=lambda s: s.gang is None, default=None)
                 if idle is not None:
                     self._pending.remove(job)
                     self._start(idle, job)
@@ -239,7 +350,7 @@ class Scheduler:
         from actors.sandbox_worker import sandbox_worker_class
 
         cpus, gpus, custom = slot.shape
-        strategy = PlacementGroupSchedulingStrategy(placement_group=slot.pg, placement_group_bundle_index=0)
+        strategy = PlacementGroupSchedulingStrategy(placement_group=slot.pg, placement_group_bundle_index=slot.bundle)
         actor = sandbox_worker_class().options(
             num_cpus=cpus, num_gpus=gpus, resources=dict(custom) or None, scheduling_strategy=strategy,
             max_restarts=0, max_concurrency=2,
@@ -251,13 +362,27 @@ class Scheduler:
 
     def _start(self, slot: Slot, job: Job) -> None:
         job.tries += 1
-        slot.job, slot.started = job, time.monotonic()
+        now = time.monotonic()
+        # how long the job waited although this slot was free (the dispatcher's own overhead)
+        job.dispatch_s = now - max(job.enqueued, slot.idle_since)
+        slot.job, slot.started = job, now
         slot.ref = slot.actor.run.remote(job.payload)
+
+    def _trace(self, slot: Slot, status: str, outcome: dict[str, Any] | None = None) -> None:
+        job, now = slot.job, time.monotonic()
+        wall = time.time()
+        self.trace.append({"job_id": job.job_id, "slot": slot.index, "gang": slot.gang, "gpus": job.gpus,
+                           "cpus": job.cpus, "start": wall - (now - slot.started), "end": wall, "status": status,
+                           "dispatch_s": job.dispatch_s, "try": job.tries,
+                           "run_s": ((outcome or {}).get("resources") or {}).get("run_s")})
 
     def _finish(self, slot: Slot, ref) -> None:
         import ray
 
-        job = slot.job
+        with self._lock:
+            if slot.ref is not ref:  # cancelled (or lost) by another thread meanwhile
+                return
+            job = slot.job
         try:
             outcome = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - actor died, node lost, object lost
@@ -274,6 +399,7 @@ class Scheduler:
             return
         # Hand the outcome on before freeing the slot, so that at no moment the scheduler
         # looks idle while an outcome is still in flight.
+        self._trace(slot, outcome.get("status", "?"), outcome)
         self._emit(job, outcome)
         with self._lock:
             self.stats["busy_s"] += time.monotonic() - slot.started
@@ -289,22 +415,35 @@ class Scheduler:
         with self._lock:
             job = slot.job
             if job is not None:
-                if job.tries <= self.cfg.max_infra_retries:
+                self._trace(slot, "cancelled" if job.cancelled else "lost")
+                if job.cancelled:
+                    self._emit(job, outcome or {"status": "infra_failed", "stage": "cancelled", "error": reason})
+                elif job.tries <= self.cfg.max_infra_retries:
                     self._retry(job, reason)
                 else:
                     self._emit(job, outcome or {"status": "infra_failed", "stage": "worker", "error": reason})
-            if slot in self._slots:
-                self._slots.remove(slot)
+            actor = slot.actor
+            if slot.gang is not None and slot.gang in self._gangs:
+                # a gang's bundle stays reserved: a fresh worker is started in it (Ray moves the
+                # bundle to another node if its node is gone)
+                slot.job, slot.ref, slot.actor = None, None, None
+                slot.ready_ref, slot.created, slot.idle_since = slot.pg.ready(), time.monotonic(), time.monotonic()
+                keep_pg = True
+            else:
+                if slot in self._slots:
+                    self._slots.remove(slot)
+                keep_pg = False
             self.stats["slots_lost"] += 1
-        if slot.actor is not None:
+        if actor is not None:
             try:
-                ray.kill(slot.actor, no_restart=True)
+                ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-        try:
-            remove_placement_group(slot.pg)
-        except Exception:  # noqa: BLE001
-            pass
+        if not keep_pg:
+            try:
+                remove_placement_group(slot.pg)
+            except Exception:  # noqa: BLE001
+                pass
         self._wake.set()
 
     def _retry(self, job: Job, reason: str) -> None:
@@ -354,7 +493,7 @@ class Scheduler:
         with self._lock:
             if self._pending:
                 return
-            idle = [s for s in self._slots if s.job is None and s.actor is not None
+            idle = [s for s in self._slots if s.job is None and s.actor is not None and s.gang is None
                     and now - s.idle_since > self.cfg.idle_shutdown_s]
             for s in idle:
                 self._slots.remove(s)
@@ -363,7 +502,7 @@ class Scheduler:
             remove_placement_group(s.pg)
 
     def _emit(self, job: Job, outcome: dict[str, Any]) -> None:
-        outcome = {**outcome, "infra_history": list(job.history)}
+        outcome = {**outcome, "infra_history": list(job.history), "dispatch_s": job.dispatch_s}
         with self._lock:
             self.stats["finished"] += 1
         (job.sink or self._done).put(JobOutcome(job.job_id, outcome, job.tries, time.monotonic() - job.submitted))

@@ -149,6 +149,17 @@ class ResearchEnv(ABC):
         """JSON schema of structured ideas (the knob space), or None for free-form only."""
         return None
 
+    def result(self, idea_id: str) -> Result | None:
+        """The finished result of an idea submitted earlier (this run or a previous one), or
+        None while it runs or was never submitted."""
+        return None
+
+    def cancel(self, ids: Sequence[str]) -> int:
+        """Stop these ideas if they are still queued or running (their results become
+        ``infra_failed`` with stage ``cancelled``, so resubmitting runs them again); returns
+        how many were stopped."""
+        return 0
+
     def close(self) -> None:
         """Release workers and other resources."""
 
@@ -159,6 +170,7 @@ ENVS: dict[str, str] = {
     "nanogpt": "envs.codebase:load_packaged",
     "grpo": "envs.codebase:load_packaged",
     "toy": "envs.codebase:load_packaged",
+    "sim": "envs.codebase:load_packaged",
 }
 
 

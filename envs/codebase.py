@@ -415,7 +415,7 @@ class CodebaseEnv(ResearchEnv):
             metrics["gain"] = reward - base["mean"]
             metrics["gain_over_std"] = metrics["gain"] / base["std"] if base.get("std") else None
         resources = {**(outcome.get("resources") or {}), "tries": outcome.get("tries", 1),
-                     "queued_s": outcome.get("queued_s")}
+                     "queued_s": outcome.get("queued_s"), "dispatch_s": outcome.get("dispatch_s")}
         self._finalize(idea_id, Result(idea_id=idea_id, status=status, reward=reward,
                                        stage=outcome.get("stage") if status != "ok" else None,
                                        error=outcome.get("error", ""), metrics=metrics,
@@ -466,6 +466,11 @@ class CodebaseEnv(ResearchEnv):
             if i not in seen:
                 yield Result(idea_id=i, status="infra_failed", stage="timeout", env=self.name,
                              error=f"no result within {timeout_s}s (still running; ask again later)")
+
+    def cancel(self, ids: Sequence[str]) -> int:
+        with self._lock:
+            jobs = [self._inflight[i]["job_id"] for i in ids if "job_id" in self._inflight.get(i, {})]
+        return self.scheduler.cancel(jobs, reason="cancelled by the caller") if jobs else 0
 
     def result(self, idea_id: str) -> Result | None:
         with self._lock:

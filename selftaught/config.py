@@ -129,6 +129,7 @@ class EngineConfig(Strict):
     num_actors: int = Field(default=1, ge=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor, e.g. {"policy_pool": 1}
     vllm: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for vllm.LLM(...)
 
 

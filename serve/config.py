@@ -62,6 +62,8 @@ class ServeConfig(Strict):
         actor = {"num_cpus": self.engine.cpus_per_actor}
         if self.engine.gpus_per_actor:
             actor["num_gpus"] = self.engine.gpus_per_actor
+        if self.engine.resources:
+            actor["resources"] = dict(self.engine.resources)
         opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests}
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)

@@ -47,6 +47,25 @@ def test_an_infrastructure_failure_masks_its_whole_group():
     assert adv[0] < 0 < adv[1] and info["masked_groups"] == []
 
 
+def test_stragglers_neither_score_nor_mask_and_context_rows_only_shape_advantages():
+    late = Rollout(group="a", prompt_ids=[1], completion_ids=[2], reward=None, late=True)
+    rs = [_ro("a", 1.0), _ro("a", 0.0), _ro("a", 0.5), late]
+    adv, info = assign_advantages(rs, RLConfig())
+    # the group's advantages come from the three that finished, by hand: mean 0.5, std sqrt(1/6)
+    std = math.sqrt(1 / 6)
+    assert adv[:3] == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0])
+    assert adv[3] is None and info["masked_groups"] == [] and info["late"] == 1
+    # one finished member is no group: masked
+    adv, info = assign_advantages([_ro("b", 1.0), Rollout(group="b", prompt_ids=[1], completion_ids=[2],
+                                                            late=True)], RLConfig())
+    assert adv == [None, None] and info["masked_groups"] == ["b"]
+    # a late result kept for the next step: its finished mates come back as train=False rows
+    back = Rollout(group="a", prompt_ids=[1], completion_ids=[2], reward=1.0, version=0)
+    mates = [Rollout(group="a", prompt_ids=[1, 2], completion_ids=[3, 4], reward=r, train=False) for r in (1.0, 0.0, 0.5)]
+    adv, _ = assign_advantages([back, *mates], RLConfig(objective="max"))
+    assert adv == [pytest.approx(1 / 2 - 1 / 4), None, None, None]  # ties with the first mate for the best
+
+
 def test_staleness_bound():
     rs = [_ro("g", 1.0, version=v) for v in (5, 4, 3, 2)]
     keep, dropped = fresh_enough(rs, 5, 0)

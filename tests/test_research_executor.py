@@ -72,6 +72,46 @@ def test_gang_placement_timeout_is_an_infra_failure(ray_cluster, tmp_path):
         env.close()
 
 
+def test_a_gang_is_reserved_whole_used_first_and_held_and_cancel_frees_its_slot(ray_cluster, tmp_path):
+    """Rollout groups: one placement group of N bundles, all or nothing; jobs run on its slots,
+    which survive idleness; a cancelled running job gets a fresh worker in the same bundle."""
+    env = load_packaged("sim", overrides=["resources.gpus=0", "resources.cpus=0.25",
+                                          "base_config.durations={budget_s: 0.3}"],
+                        executor={"run_dir": str(tmp_path / "sim"),
+                                  "scheduler": {"max_slots": 1, "idle_shutdown_s": 0.5}})
+    sched = env.scheduler
+    try:
+        with pytest.raises(TimeoutError, match="was not placed"):  # 40 CPUs: more than the cluster has
+            sched.reserve("too-big", 40, cpus=1.0)
+            sched.wait_reserved("too-big", 2)
+        sched.release("too-big")
+        sched.reserve("group", 3, cpus=0.25)
+        assert sched.wait_reserved("group", 60) < 60
+        ideas = [Idea(knobs={"lr_scale": 2.0, "warmup_frac": w}) for w in (0.0, 0.1, 0.2)]
+        results = env.value(ideas, timeout_s=120)
+        assert [r.status for r in results] == ["ok"] * 3 and results[1].reward == pytest.approx(1.0)
+        assert {t["gang"] for t in sched.trace} == {"group"} and len({t["slot"] for t in sched.trace}) == 3
+        assert all(t["dispatch_s"] < 5 and t["run_s"] > 0.25 for t in sched.trace)
+        time.sleep(1.5)  # past idle_shutdown_s: a gang's slots are held anyway
+        assert sched.utilisation()["gangs"] == {"group": 3} and sched.utilisation()["slots"] == 3
+        slow = env.submit([Idea(knobs={"lr_scale": 1.0, "warmup_frac": 0.3})], seed=7)
+        env.cancel([])  # nothing to do
+        end = time.monotonic() + 30
+        while not sched.utilisation()["busy"] and time.monotonic() < end:
+            time.sleep(0.05)
+        assert env.cancel(slow) == 1
+        [res] = env.gather(slow, timeout_s=30)
+        assert res.status == "infra_failed" and res.stage == "cancelled"
+        # the bundle gets a fresh worker, and the cancelled idea runs again when resubmitted
+        assert sched.wait_reserved("group", 60) < 60
+        [again] = env.gather(env.submit([Idea(knobs={"lr_scale": 1.0, "warmup_frac": 0.3})], seed=7), timeout_s=60)
+        assert again.status == "ok"
+        sched.release("group")
+        assert sched.utilisation()["slots"] == 0
+    finally:
+        env.close()
+
+
 def test_dead_worker_is_retried_elsewhere(toy):
     import ray
 

@@ -39,7 +39,9 @@ def _cfg(tmp_path, name, model, **kw) -> RLRunConfig:
             "policy": {"model": model, "engine": {"backend": "transformers", "device": "cpu", "cpus_per_actor": 0.5},
                        "learner_cpus": 0.5},
             "train": {"lr": 1e-5, "schedule": "constant", "warmup_frac": 0.0, "weight_decay": 0.0, "progress": False},
-            "sampling": {"temperature": 1.0, "max_new_tokens": 40},
+            "sampling": {"temperature": 1.0, "max_new_tokens": 56},
+            # a thinking phase first: the engine ends it (a forced delimiter) after 8 tokens at most
+            "ideator": {"backend": "local", "thinking": True, "thinking_tokens": 8},
             "group_size": 4, "steps": 2, "job_timeout_s": 120}
     base.update(kw)
     return RLRunConfig.model_validate(base)
@@ -83,6 +85,12 @@ def test_rl_steps_sync_weights_and_resume_mid_step(ray_cluster, tmp_path, monkey
     assert stats["valid_frac"] > 0 and 0 <= stats["mean_reward"] <= stats["max_reward"] <= 1
     for r in resumed:  # an idea cut short by max_new_tokens is the policy's failure: reward 0, never a mask
         assert (r["reward"] is not None and not r["infra_failure"]) and (r["meta"]["valid"] or r["reward"] == 0.0)
+        # thinking, then the idea: only the idea went to the executor, and the forced end of
+        # thinking carries no loss (0s between the sampled thinking and the sampled answer)
+        mask = r["loss_mask"]
+        assert r["meta"]["thinking"] is not None and len(mask) == len(r["completion_ids"])
+        k = mask.index(0)
+        assert 0 < k <= 8 and mask[:k] == [1] * k and 1 not in mask[k:k + 2] and "<think>" not in r["idea"]
     assert stats["sync_s"] > 0 and stats["tokens"] > 0 and stats["clip_frac"] == 0.0  # on-policy
     assert set(_queued(Path(cfg.run_dir), "mean").values()) == {1}  # no idea ran twice
     report = (Path(cfg.run_dir) / "report.md").read_text()

@@ -17,6 +17,12 @@ reward). A group with an **infrastructure** failure (the executor could not run 
 masked whole: its samples get no advantage and no tokens in the loss, instead of teaching the
 policy that an idea is bad because a node died.
 
+Stragglers: a rollout cut from its step's executor wait (``late``, no reward yet) neither scores
+nor masks: its group's advantages come from the members that finished (at least two). A late
+result kept for the next step comes back as a rollout of its old group with the reward, its
+finished group-mates alongside as ``train=False`` rows: they shape the group's advantages again,
+and only the late rollout is trained on.
+
 Off-policy bound: each rollout carries the policy version that sampled it. At trainer version k,
 rollouts older than ``max_staleness`` are dropped; the rest use the engine's own log-probs of the
 sampled tokens as the behaviour policy, so the clipped ratio pi_theta / pi_behaviour corrects for
@@ -68,6 +74,15 @@ class Rollout:
     infra_failure: bool = False
     idea: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    late: bool = False  # cut from its step's wait as a straggler (no reward then)
+    loss_mask: list[int] | None = None  # per completion token: 1 sampled, 0 forced by the engine (None: all sampled)
+    train: bool = True  # False: only there for its group's advantages (trained on already)
+
+    @classmethod
+    def coerce(cls, r: "Rollout | dict") -> "Rollout":
+        if isinstance(r, Rollout):
+            return r
+        return cls(**{k: v for k, v in r.items() if k in cls.__dataclass_fields__})
 
 
 # --------------------------------------------------------------------------- advantages
@@ -90,23 +105,29 @@ def group_advantages(rewards: Sequence[float], objective: Objective = "mean", *,
 
 
 def assign_advantages(rollouts: Sequence[Rollout], cfg: RLConfig) -> tuple[list[float | None], dict[str, Any]]:
-    """Advantages per rollout, group by group; groups with an infrastructure failure (when
-    masked) or without a full set of rewards get None (masked out of the loss), and are reported."""
+    """Advantages per rollout, group by group. A group with an infrastructure failure (when
+    masked), a missing reward that is not a straggler's, or fewer than two rewards gets None
+    (masked out of the loss) and is reported; a late rollout gets None without masking its
+    group, and so does a ``train=False`` row (it only shapes its group's advantages)."""
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rollouts):
         groups.setdefault(r.group, []).append(i)
-    adv: list[float | None] = [None] * len(rollouts)  # None: a masked group, no tokens in the loss
+    adv: list[float | None] = [None] * len(rollouts)  # None: no tokens in the loss
     masked, used = [], []
     for gid, idx in groups.items():
         rs = [rollouts[i] for i in idx]
-        if (cfg.mask_infra_groups and any(r.infra_failure for r in rs)) or any(r.reward is None for r in rs):
+        scored = [i for i in idx if rollouts[i].reward is not None]
+        if (cfg.mask_infra_groups and any(r.infra_failure for r in rs)) \
+                or any(r.reward is None and not r.late for r in rs) or len(scored) < 2:
             masked.append(gid)
             continue
-        a = group_advantages([r.reward for r in rs], cfg.objective, beta=cfg.entropic_beta, eps=cfg.adv_eps)
-        for i, v in zip(idx, a):
-            adv[i] = float(v)
+        a = group_advantages([rollouts[i].reward for i in scored], cfg.objective, beta=cfg.entropic_beta,
+                             eps=cfg.adv_eps)
+        for i, v in zip(scored, a):
+            adv[i] = float(v) if rollouts[i].train else None
         used.append(gid)
-    return adv, {"groups": len(groups), "masked_groups": masked, "used_groups": len(used)}
+    return adv, {"groups": len(groups), "masked_groups": masked, "used_groups": len(used),
+                 "late": sum(1 for r in rollouts if r.late and r.reward is None)}
 
 
 def fresh_enough(rollouts: Sequence[Rollout], version: int, max_staleness: int) -> tuple[list[Rollout], int]:
@@ -119,7 +140,9 @@ def fresh_enough(rollouts: Sequence[Rollout], version: int, max_staleness: int) 
 def pack(rollouts: Sequence[Rollout], advantages: Sequence[float | None], micro_batches: int,
          pad_id: int = 0) -> list[tuple[Batch, dict[str, torch.Tensor]]]:
     """Exactly ``micro_batches`` right-padded micro-batches (the engine's accumulation count).
-    Each row is prompt + completion; the loss mask is 1 on completion tokens only, and a row
+    Each row is prompt + completion; the loss mask is 1 on sampled completion tokens only (a
+    rollout's ``loss_mask`` leaves out tokens the engine forced, such as the end of a budgeted
+    thinking phase), and a row
     of a masked group (advantage None) carries no loss tokens at all. A row with advantage 0
     keeps its tokens: they count in the step's normalisation and carry the KL term."""
     rows = list(zip(rollouts, advantages))
@@ -141,7 +164,7 @@ def pack(rollouts: Sequence[Rollout], advantages: Sequence[float | None], micro_
             p, c = len(r.prompt_ids), len(r.completion_ids)
             ids[j, :p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
             if a is not None:
-                mask[j, p:p + c] = 1
+                mask[j, p:p + c] = 1 if r.loss_mask is None else torch.tensor(r.loss_mask[:c], dtype=torch.uint8)
             if r.behaviour_logprobs is not None and len(r.behaviour_logprobs) >= c:
                 behaviour[j, p:p + c] = torch.tensor(r.behaviour_logprobs[:c], dtype=torch.float32)
             adv[j] = a or 0.0
@@ -195,6 +218,10 @@ def grpo_update(trainer, rollouts: Sequence[Rollout], cfg: RLConfig, version: in
     the engine's log-probs that sampled it."""
     keep, stale = fresh_enough(rollouts, version, cfg.max_staleness)
     adv, info = assign_advantages(keep, cfg)
+    # rows without an advantage (masked groups, stragglers, context rows) carry no loss tokens:
+    # leave them out rather than spend forward passes on them
+    pairs = [(r, a) for r, a in zip(keep, adv) if a is not None]
+    keep, adv = [r for r, _ in pairs], [a for _, a in pairs]
     micro = trainer.cfg.grad_accum
     batches = pack(keep, adv, micro, pad_id=pad_id)
     refs = logprobs_of(reference, batches, trainer.device) if (reference is not None and cfg.kl_coef > 0) \
@@ -263,7 +290,7 @@ class PolicyLearner:
         self.version = 0
 
     def update(self, rollouts: Sequence[dict], version: int | None = None) -> dict[str, Any]:
-        rs = [r if isinstance(r, Rollout) else Rollout(**r) for r in rollouts]
+        rs = [Rollout.coerce(r) for r in rollouts]
         stats = grpo_update(self.trainer, rs, self.rl, self.version if version is None else version,
                             reference=self.reference, pad_id=self.pad_id)
         if stats["stepped"]:
