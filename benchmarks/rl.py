@@ -274,14 +274,19 @@ def main(argv=None) -> dict:
             for name in [s for s in args.scenarios.split(",") if s]:
                 res["scenarios"][name] = run_scenario(name, args, cluster, model, Path(tmp) / "runs", durations)
                 print(json.dumps({k: v for k, v in res["scenarios"][name].items() if k != "steps"}), flush=True)
+                write(args.out, res)  # each scenario kept as it finishes
             if args.sync_model:
                 res["weight_sync"] = weight_sync(args.sync_model, args.sync_engines, 3)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    write(args.out, res)
     return res
+
+
+def write(path: str, res: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":

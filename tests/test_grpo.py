@@ -122,6 +122,28 @@ def _seq_logprob(model, r: Rollout) -> float:
         return float(token_logprobs(model, ids)[0, len(r.prompt_ids):].sum())
 
 
+def test_masked_log_probs_match_the_full_path_with_the_same_gradient(tiny_lm_dir):
+    """The output layer on loss positions only (the learner's path) gives the full forward's
+    log-probs there, 0 elsewhere, and the same gradient."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.zeros_like(ids)
+    mask[0, 7:] = 1
+    mask[2, 4:9] = 1
+    fast = token_logprobs(model, ids, mask)
+    fast[mask.bool()].sum().backward()
+    g_fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = token_logprobs(model, ids)
+    full[mask.bool()].sum().backward()
+    assert torch.allclose(fast[mask.bool()].detach(), full[mask.bool()].detach(), atol=1e-5)
+    assert (fast[~mask.bool()] == 0).all()
+    for a, p in zip(g_fast, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5)
+
+
 def test_update_moves_the_policy_toward_rewarded_ideas_and_sync_reaches_the_engine(policy, tiny_lm_dir):
     from actors.engine import create_engine
     from selftaught.config import EngineConfig, SamplingConfig

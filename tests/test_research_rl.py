@@ -98,9 +98,19 @@ def test_rl_steps_sync_weights_and_resume_mid_step(ray_cluster, tmp_path, monkey
 
 
 def test_paper_shape_configs_validate():
-    """Groups of 128 ideas x 8 GPUs (nanoGPT) and 256 x 1 GPU (GRPO), 8,192-token rollouts."""
+    """Groups of 128 ideas x 8 GPUs (nanoGPT) and 256 x 1 GPU (GRPO), 8,192-token rollouts with
+    a thinking phase, gang-reserved on the executor's nodes of examples/research/cluster-rl.yaml."""
+    import copy
+
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
     from envs.spec import CodebaseEnvSpec
     from selftaught.config import load_yaml
+
+    launcher = yaml.safe_load(Path("examples/research/cluster-rl.yaml").read_text())
+    validate_config(copy.deepcopy(launcher))  # Ray's own launcher schema (no cloud call)
+    prepared = prepare_config(copy.deepcopy(launcher))
 
     for name, g, gpus in (("rl-nanogpt-paper.yaml", 128, 8), ("rl-grpo-paper.yaml", 256, 1)):
         cfg = RLRunConfig.model_validate(load_yaml(Path("examples/research") / name))
@@ -108,5 +118,16 @@ def test_paper_shape_configs_validate():
         assert cfg.group_size == g and spec.resources.gpus == gpus and g * gpus in (1024, 256)
         assert cfg.sampling.max_new_tokens == 8192 and cfg.policy.engine.backend == "vllm"
         assert cfg.executor.scheduler.max_slots == g  # the whole group can run at once
+        assert cfg.execution.admission == "gang" and cfg.execution.late == "keep" and cfg.rl.max_staleness >= 1
+        assert cfg.ideator.thinking and cfg.ideator.thinking_tokens < cfg.sampling.max_new_tokens
+        # the cluster that holds it: the group on the executor's nodes, the policy on its own
+        types = prepared["available_node_types"]
+        ex = [t for t in types.values() if "executor_pool" in t["resources"]]
+        assert all(t["resources"]["GPU"] >= gpus and t["resources"]["executor_pool"] >= spec.resources.custom["executor_pool"]
+                   for t in ex)
+        assert sum(t["max_workers"] * t["resources"]["executor_pool"] for t in ex) \
+            >= g * spec.resources.custom["executor_pool"]
+        policy = sum(t["max_workers"] * t["resources"].get("policy_pool", 0) for t in types.values())
+        assert policy >= cfg.policy.engine.num_actors + 1 and cfg.policy.learner_resources == {"policy_pool": 1}
     tiny = RLRunConfig.model_validate(load_yaml("examples/research/rl-tiny.yaml"))
     assert tiny.group_size >= 8 and tiny.objectives == ["mean", "entropic"]
