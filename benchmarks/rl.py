@@ -21,7 +21,10 @@ the executor. Scenarios (``--scenarios``):
   every job (step time = the slowest job).
 - ``gang-cut``: the same, cutting stragglers once 90% are back (plus 10% slack); late ideas dropped.
 - ``stream-keep``: no gang: each idea takes a slot as one frees; stragglers cut the same way but
-  kept for the next step (staleness 1, importance-corrected), the next group sampled meanwhile.
+  kept for the next step (staleness 1, importance-corrected), the next group sampled and its
+  jobs queued meanwhile.
+- ``gang-keep``: the gang of ``gang-cut`` with the pipelining of ``stream-keep``: the next
+  group's jobs take the reserved slots that finished, failed or cut jobs free.
 
 Figures per step: GPU-slot utilisation while the step executes (GPU-seconds held by jobs over
 GPUs reserved x the wait), scheduling overhead per idea (a free slot to its job started; and a
@@ -52,6 +55,7 @@ SCENARIOS = {
     "gang-all": {"execution": {"admission": "gang", "straggler_quantile": 1.0}, "max_staleness": 0},
     "gang-cut": {"execution": {"admission": "gang", "straggler_slack": 0.1, "late": "drop"}, "max_staleness": 0},
     "stream-keep": {"execution": {"admission": "stream", "straggler_slack": 0.1, "late": "keep"}, "max_staleness": 1},
+    "gang-keep": {"execution": {"admission": "gang", "straggler_slack": 0.1, "late": "keep"}, "max_staleness": 1},
 }
 
 
@@ -146,7 +150,8 @@ def run_scenario(name: str, args, cluster, model: str, out_dir: Path, durations:
                    "learner_cpus": 1, "learner_resources": {"policy_pool": 1}},
         "train": {"lr": 1e-5, "schedule": "constant", "warmup_frac": 0.0, "weight_decay": 0.0, "progress": False,
                   "grad_accum": 4},
-        "rl": {"max_staleness": sc["max_staleness"]},
+        # 128-idea groups: a job lost three times leaves only itself out, not its whole group
+        "rl": {"max_staleness": sc["max_staleness"], "mask_infra_groups": False},
         "sampling": {"temperature": 1.0, "max_new_tokens": 64},
         "group_size": g, "steps": args.steps, "job_timeout_s": args.budget_s * 6 + 60,
         "execution": {"straggler_quantile": args.quantile, **sc["execution"], "dedupe": False}, "seed": args.seed,
@@ -239,7 +244,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--straggler-slowdown", type=float, nargs=2, default=[1.5, 3.0])
     ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between worker kills (0: none)")
     ap.add_argument("--quantile", type=float, default=0.9, help="cut stragglers once this fraction is back")
-    ap.add_argument("--scenarios", default="gang-all,gang-cut,stream-keep")
+    ap.add_argument("--scenarios", default="gang-all,gang-cut,stream-keep,gang-keep")
     ap.add_argument("--sync-model", default="smollm2-135m-instruct", help="'' skips the weight-sync section")
     ap.add_argument("--sync-engines", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

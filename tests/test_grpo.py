@@ -42,6 +42,12 @@ def test_an_infrastructure_failure_masks_its_whole_group():
     assert adv[0] > 0 > adv[1]
     assert adv[2:] == [None, None, None, None]  # b: infra failure; c: a reward still missing
     assert set(info["masked_groups"]) == {"b", "c"} and info["used_groups"] == 1
+    # or, when asked, only the failed rollout is left out and the group still teaches
+    adv, info = assign_advantages(rs[:4], RLConfig(mask_infra_groups=False))
+    assert adv[2] is None and adv[3] is None and info["masked_groups"] == ["b"]  # b: one reward left
+    three = [_ro("e", 1.0), _ro("e", 0.0), _ro("e", None, infra=True)]
+    adv, info = assign_advantages(three, RLConfig(mask_infra_groups=False))
+    assert adv[0] > 0 > adv[1] and adv[2] is None and info["masked_groups"] == []
     # an idea that failed to execute is a reward of 0, not a mask
     adv, info = assign_advantages([_ro("d", 0.0), _ro("d", 0.5)], RLConfig())
     assert adv[0] < 0 < adv[1] and info["masked_groups"] == []

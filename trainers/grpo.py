@@ -57,7 +57,9 @@ class RLConfig(Strict):
     kl_coef: float = Field(default=0.0, ge=0)  # KL to the reference policy (k3 estimator); 0: no reference
     max_staleness: int = Field(default=0, ge=0)  # policy versions a rollout may lag (0: on-policy)
     adv_eps: float = Field(default=1e-4, gt=0)
-    mask_infra_groups: bool = True  # an infrastructure failure masks its whole group
+    # an infrastructure failure masks its whole group; false: only the failed rollout is left out
+    # (like a straggler), for large groups where one lost node would otherwise void a whole step
+    mask_infra_groups: bool = True
 
 
 @dataclass
@@ -117,8 +119,8 @@ def assign_advantages(rollouts: Sequence[Rollout], cfg: RLConfig) -> tuple[list[
     for gid, idx in groups.items():
         rs = [rollouts[i] for i in idx]
         scored = [i for i in idx if rollouts[i].reward is not None]
-        if (cfg.mask_infra_groups and any(r.infra_failure for r in rs)) \
-                or any(r.reward is None and not r.late for r in rs) or len(scored) < 2:
+        unexplained = [r for r in rs if r.reward is None and not r.late and not r.infra_failure]
+        if (cfg.mask_infra_groups and any(r.infra_failure for r in rs)) or unexplained or len(scored) < 2:
             masked.append(gid)
             continue
         a = group_advantages([rollouts[i].reward for i in scored], cfg.objective, beta=cfg.entropic_beta,
