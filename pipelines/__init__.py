@@ -12,6 +12,7 @@ PIPELINES: dict[str, str] = {
     "s1": "pipelines.s1",
     "research_search": "pipelines.research_search",
     "research_rl": "pipelines.research_rl",
+    "entigraph": "pipelines.entigraph",
 }
 
 

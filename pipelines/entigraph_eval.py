@@ -262,6 +262,22 @@ def mcq_messages(row: dict, shots: Sequence[dict], cot: bool) -> list[dict]:
     return msgs + [{"role": "user", "content": mcq_user_message(row, cot)}]
 
 
+def fit_messages(chat_model, row: dict, shots: Sequence[dict], cot: bool, max_new_tokens: int) -> list[dict]:
+    """``mcq_messages`` with trailing demonstrations dropped until the prompt and the answer fit
+    the model, when ``chat_model`` can tell (a local engine: ``max_len``, ``count_tokens``,
+    ``apply_chat_template``); a remote model is sent every demonstration."""
+    shots = list(shots)
+    msgs = mcq_messages(row, shots, cot)
+    need = ("max_len", "count_tokens", "apply_chat_template")
+    if not all(hasattr(chat_model, a) for a in need):
+        return msgs
+    room = int(chat_model.max_len) - max_new_tokens
+    while shots and chat_model.count_tokens(chat_model.apply_chat_template(msgs)) > room:
+        shots.pop()
+        msgs = mcq_messages(row, shots, cot)
+    return msgs
+
+
 def parse_generated(row: dict, text: str, cot: bool) -> int | None:
     """The chosen index: with ``cot`` the last "answer is X" wins (the reasoning may mention
     other letters on the way); otherwise, and as a fallback, ``parse_choice``."""
@@ -286,8 +302,10 @@ def mcq_generate(chat_model, rows: Sequence[dict], few_shot: Sequence[dict], cot
     if not rows:
         raise ValueError("mcq_generate needs at least one question")
     k = len(few_shot) if k is None else k
-    convs = [mcq_messages(r, pick_few_shot(r, few_shot, k, exclude_same_doc), cot) for r in rows]
-    outs = chat_model.chat(convs, sampling or default_sampling(cot))
+    sampling = sampling or default_sampling(cot)
+    convs = [fit_messages(chat_model, r, pick_few_shot(r, few_shot, k, exclude_same_doc), cot,
+                          sampling.max_new_tokens) for r in rows]
+    outs = chat_model.chat(convs, sampling)
     preds, hits, unparsed = [], 0, 0
     for row, conv, out in zip(rows, convs, outs):
         text = out.text
@@ -380,7 +398,7 @@ def chunk_documents(docs: Sequence[dict], cfg: ChunkConfig | None = None, tokeni
     if cfg.unit == "tokens":
         if tokenizer is None:
             raise ValueError("chunk unit 'tokens' needs a tokenizer (or use unit='chars')")
-        measure = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]) + 1  # noqa: E731 (+1: newline)
+        measure = lambda s: len(tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]) + 1  # noqa: E731
     else:
         measure = lambda s: len(s) + 1  # noqa: E731
     chunks: list[dict] = []

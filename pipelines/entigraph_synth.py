@@ -559,10 +559,11 @@ def _title(doc: dict) -> str:
 
 def entity_schema(cfg: SynthConfig) -> dict[str, Any]:
     """The JSON schema extraction is decoded under: bounded strings and list, so even a small
-    model's answer ends."""
+    model's answer ends; at least two entities (a document with fewer gives no pair to write
+    about)."""
     return {"type": "object",
             "properties": {"summary": {"type": "string", "maxLength": cfg.max_summary_chars},
-                           "entities": {"type": "array", "maxItems": cfg.max_entities,
+                           "entities": {"type": "array", "minItems": 2, "maxItems": cfg.max_entities,
                                         "items": {"type": "string", "minLength": 1,
                                                   "maxLength": cfg.max_entity_chars}}},
             "required": ["summary", "entities"], "additionalProperties": False}

@@ -52,3 +52,18 @@ def tiny_lm_dir(tmp_path_factory):
     model = build_model("nano", tok, seed=0)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm(tiny_lm_dir, tmp_path_factory):
+    """The tiny LM with a chat template and a 2k context: random weights, yet under a JSON
+    schema everything it samples parses, and a call takes seconds instead of SmolLM2's minute."""
+    from selftaught.models import build_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat_lm")
+    tok = load_tokenizer(tiny_lm_dir)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(str(out))
+    build_model("nano", tok, seed=0, context=2048).save_pretrained(str(out))
+    return str(out)

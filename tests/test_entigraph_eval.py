@@ -12,9 +12,9 @@ from pydantic import ValidationError
 
 from actors.engine.base import Completion, GenerationOutput
 from pipelines.entigraph_eval import (ChunkConfig, EvalConfig, GenerationEvalConfig, RagConfig, RagIndex,
-                                      chunk_documents, evaluate, heldout_perplexity, lexical_overlap,
-                                      mcq_generate, mcq_loglik, pick_few_shot, rag_contexts, retrieval_stats,
-                                      retrieve_rows)
+                                      chunk_documents, embed, evaluate, heldout_perplexity, lexical_overlap,
+                                      mcq_generate, mcq_loglik, mcq_messages, pick_few_shot, rag_contexts,
+                                      retrieval_stats, retrieve_rows)
 from selftaught.config import SamplingConfig
 from tests.conftest import wiki_texts
 
@@ -104,10 +104,24 @@ def test_mcq_loglik_matches_one_sequence_at_a_time(lm):
         hits += pred["pred"] == row["answer_index"]
         hits_norm += pred["pred_norm"] == row["answer_index"]
     assert res["loglik_acc"] == hits / 4 and res["loglik_norm_acc"] == hits_norm / 4
-    # the batch size changes nothing
+    # the batch size changes nothing, nor does a model that computes every position's logits
     one = mcq_loglik(model, tok, ROWS, contexts, batch_size=1)
-    np.testing.assert_allclose([p["loglik"] for p in one["predictions"]],
-                               [p["loglik"] for p in res["predictions"]], atol=1e-4, rtol=0)
+    full = mcq_loglik(AllLogits(model), tok, ROWS, contexts, batch_size=3)
+    for other in (one, full):
+        np.testing.assert_allclose([p["loglik"] for p in other["predictions"]],
+                                   [p["loglik"] for p in res["predictions"]], atol=1e-4, rtol=0)
+
+
+class AllLogits(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (the generic path)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache)
 
 
 def test_mcq_loglik_scores_the_model_preferred_option_correct(lm):
@@ -209,6 +223,28 @@ def test_few_shot_never_contains_the_asked_question():
     assert chat.sampling.temperature == 0.0 and chat.sampling.max_new_tokens == 16
 
 
+class SizedChat(FakeChat):
+    """A local-engine look-alike: one token per character, a fixed number of positions."""
+
+    max_len = 10 ** 6
+
+    def apply_chat_template(self, messages):
+        return "\n".join(m["content"] for m in messages)
+
+    def count_tokens(self, text):
+        return len(text)
+
+
+def test_few_shot_is_trimmed_to_fit_the_model():
+    chat = SizedChat(["C"])
+    one = chat.count_tokens(chat.apply_chat_template(mcq_messages(ROWS[0], ROWS[1:2], False)))
+    chat.max_len = one + 16  # one demonstration plus the 16 answer tokens of default sampling
+    res = mcq_generate(chat, ROWS[:1], ROWS, k=2)
+    assert res["predictions"][0]["shots"] == 1 and chat.conversations[0] == mcq_messages(ROWS[0], ROWS[1:2], False)
+    chat.max_len = 10 ** 6
+    assert mcq_generate(chat, ROWS[:1], ROWS, k=2)["predictions"][0]["shots"] == 2
+
+
 def test_chain_of_thought_prompts_and_parsing():
     replies = ["Not A, and B is wrong. Checking again, the answer is C.", "The answer is (B)",
                "Thinking... I pick tropical; hot and humid", "The answer is D"]
@@ -289,13 +325,12 @@ def test_retrieval_finds_the_questions_country(factbook5, rag_index):
     assert all(len(h) == 3 for h in hits)
     stats = retrieval_stats(rows, hits)
     assert stats["doc_top1"] == 1.0, stats  # the country is named in every chunk header
-    assert stats["answer_recall"] >= 0.8, stats
-    dense = retrieval_stats(rows, retrieve_rows(rows, rag_index, k=3))
-    assert dense["doc_recall"] >= 0.9 and stats["answer_recall"] >= dense["answer_recall"], (dense, stats)
-    # the capital question gets the chunk that holds the capital first
-    q = next(r for r in rows if r["field"] == "capital")
-    top = rag_index.retrieve(q["question"], 1, top_k=20, rerank="lexical")[0]
-    assert top["doc_id"] == q["doc_id"] and q["answer"] in top["text"] and top["section"] == "Government"
+    assert stats["answer_recall"] >= 0.9, stats
+    # the re-rank puts the chunk holding the answer first more often than cosine alone
+    lexical1 = retrieval_stats(rows, retrieve_rows(rows, rag_index, k=1, top_k=20, rerank="lexical"))
+    dense1 = retrieval_stats(rows, retrieve_rows(rows, rag_index, k=1))
+    assert dense1["doc_top1"] >= 0.9, dense1
+    assert lexical1["answer_recall"] >= max(dense1["answer_recall"], 0.8), (dense1, lexical1)
 
 
 def test_retrieval_k_and_determinism(factbook5, rag_index, embedder):
@@ -305,10 +340,12 @@ def test_retrieval_k_and_determinism(factbook5, rag_index, embedder):
         assert len(rag_index.retrieve(q, k)) == k
     assert len(rag_index.retrieve(q, 10 ** 6)) == len(rag_index.chunks)  # k beyond the corpus
     a = rag_index.retrieve(q, 4, top_k=10, rerank="lexical")
-    again = RagIndex.build(rag_index.chunks, embedder)
-    b = again.retrieve(q, 4, top_k=10, rerank="lexical")
-    assert [h["id"] for h in a] == [h["id"] for h in b]
-    np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-6)
+    b = rag_index.retrieve(q, 4, top_k=10, rerank="lexical")
+    assert a == b
+    # embedding is deterministic: the retrieved chunks embed again to their stored vectors
+    row_of = {c["id"]: i for i, c in enumerate(rag_index.chunks)}
+    pos = [row_of[h["id"]] for h in a]
+    np.testing.assert_allclose(embed(embedder, [h["text"] for h in a]), rag_index.vectors[pos], atol=1e-5)
     assert [h["score"] for h in a] == sorted([h["score"] for h in a], reverse=True)
     # dense order follows the cosine the index reports
     d = rag_index.retrieve(q, 4)
@@ -332,21 +369,32 @@ def test_configs_validate():
     assert cfg.rag.k == 2 and cfg.generation.cot and cfg.generation.few_shot == 3
 
 
+def _section(text: str, name: str) -> str:
+    start = text.index(f"\n## {name}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
 def test_evaluate_end_to_end(tiny_lm_dir, lm, factbook5, embedder):
     docs, rows = factbook5
-    rows = [r for r in rows if r["field"] in ("capital", "population")]
+    # two countries, their Government section only: the wiring is under test, not retrieval
+    small = [{**d, "text": d["text"][:d["text"].index("\n## ")] + _section(d["text"], "Government")}
+             for d in docs[:2]]
+    rows = [r for r in rows if r["field"] in ("capital", "national_holiday") and r["doc_id"] in
+            {d["id"] for d in small}]
     cfg = EvalConfig(limit=4, device="cpu", rag=RagConfig(k=2, top_k=8),
                      generation=GenerationEvalConfig(enabled=True, few_shot=1,
                                                      sampling=SamplingConfig(temperature=0, max_new_tokens=3)))
     heldout = wiki_texts(3)
-    out = evaluate(str(tiny_lm_dir), rows, docs, heldout, cfg, embedder=embedder)
+    out = evaluate(str(tiny_lm_dir), rows, small, heldout, cfg, embedder=embedder)
     tok, model = lm
     direct = mcq_loglik(model, tok, rows[:4])
     assert out["n_questions"] == 4
     assert out["closed_book"] == {k: v for k, v in direct.items() if k != "predictions"}
     ob = out["open_book"]
-    assert ob["n"] == 4 and 0 <= ob["loglik_acc"] <= 1 and ob["chunks"] > 0 and ob["doc_top1"] == 1.0
+    assert ob["n"] == 4 and 0 <= ob["loglik_acc"] <= 1 and ob["chunks"] > 0 and ob["doc_recall"] == 1.0
     assert out["generation"]["n"] == 4 and "predictions" not in out["generation"]
+    assert out["generation"]["k"] == 1  # asked for; demonstrations that do not fit 256 positions are dropped
     assert out["heldout_ppl"] == pytest.approx(heldout_perplexity(model, tok, heldout, 512)["ppl"], rel=1e-6)
     # nothing optional when not asked for
     bare = evaluate(str(tiny_lm_dir), rows, None, None, EvalConfig(limit=2, device="cpu"))

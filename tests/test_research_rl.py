@@ -17,21 +17,6 @@ class _Kill(BaseException):
     pass
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_lm(tiny_lm_dir, tmp_path_factory):
-    """The tiny LM with a chat template: random weights, yet under the knob schema every idea
-    it samples is valid JSON, and a step takes seconds instead of SmolLM2's minute."""
-    from selftaught.models import build_model, load_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_chat_lm")
-    tok = load_tokenizer(tiny_lm_dir)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    tok.save_pretrained(str(out))
-    build_model("nano", tok, seed=0, context=2048).save_pretrained(str(out))  # the ideator's prompt is ~1.3k tokens here
-    return str(out)
-
-
 def _cfg(tmp_path, name, model, **kw) -> RLRunConfig:
     base = {"run_dir": str(tmp_path / name), "env": "toy",
             "spec_overrides": ["knobs.properties.sleep_s.maximum=0.2"],

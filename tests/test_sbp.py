@@ -163,6 +163,7 @@ def test_split_ids_needs_an_oracle_pool(sbp_run):
         split_ids(tokens, cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"unique_docs": 10 ** 6})}))
 
 
+@pytest.mark.slow
 def test_a_fresh_run_of_the_same_config_reproduces_every_number(sbp_run, tmp_path):
     """Same config, same machine, a new run directory: the corpus order, pairs, every synthetic
     document and each arm's loss curve come out identical (Ray Data order, per-request sampling

@@ -69,6 +69,7 @@ def _shard_log(path):
     return on_shard
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_killed_worker_of_two_restarts_the_group_on_the_same_shards(ray_cluster, tmp_path, tiny_lm_dir, docs):
     marker = str(tmp_path / "killed")
