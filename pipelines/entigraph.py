@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pipelines import entigraph_eval, entigraph_synth
 from pipelines.entigraph_eval import EvalConfig
 from pipelines.entigraph_synth import GeneratorConfig, SynthConfig
 from selftaught.config import RayConfig, Strict, save
@@ -137,37 +138,22 @@ def questions(corpus: Stage) -> list[dict]:
 def corpora_stage(run: RunDir, cfg: "EntiGraphConfig", corpus: Stage, synthetic: dict[str, Stage]) -> Stage:
     """Each arm's documents tokenised with the base model's tokenizer (EOS-terminated), with
     token counts: the unit every comparison is matched on."""
-    import numpy as np
-    import pyarrow as pa
+    from pipelines.stages import tokens_stage
+    from selftaught.models import resolve_model_path
 
-    from selftaught.models import load_tokenizer, resolve_model_path
-
-    st = run.stage("corpora", {"base_model": cfg.cpt.base_model, "arms": cfg.cpt.arms},
-                   deps=[corpus, *synthetic.values()])
-    if st.up_to_date():
-        return st
-    st.begin(keep_partial=False)
-    tok = load_tokenizer(resolve_model_path(cfg.cpt.base_model))
-    texts = {"raw": [d["text"] for d in documents(corpus)]}
-    for name, stage in synthetic.items():
-        texts[name] = read_parquet(stage.path / f"{name}.parquet", columns=["text"])["text"].to_pylist()
-    counts = {}
-    for name, rows in texts.items():
-        rows = [t for t in rows if t and t.strip()]
-        ids = tok(rows, add_special_tokens=False)["input_ids"] if rows else []
-        ids = [np.asarray(x + [tok.eos_token_id], dtype=np.int32) for x in ids if x]
-        write_parquet(pa.table({"ids": pa.array([x.tolist() for x in ids], pa.list_(pa.int32()))}),
-                      st.path / f"{name}.parquet")
-        counts[name] = {"docs": len(ids), "tokens": int(sum(len(x) for x in ids))}
-    st.finish(**counts)
-    return st
+    paths = {"raw": corpus.path / "documents.parquet",
+             **{name: stage.path / f"{name}.parquet" for name, stage in synthetic.items()}}
+    stages = list({id(s): s for s in synthetic.values()}.values())
+    return tokens_stage(run, resolve_model_path(cfg.cpt.base_model), paths, name="corpora", deps=(corpus, *stages))
 
 
 def token_docs(corpora: Stage, name: str, fraction: float = 1.0, seed: int = 0) -> list:
     """An arm's token documents; a fraction keeps a seeded random subset of that share of tokens."""
     import numpy as np
 
-    docs = [np.asarray(x, dtype=np.int32) for x in read_parquet(corpora.path / f"{name}.parquet")["ids"].to_pylist()]
+    from pipelines.stages import load_token_docs
+
+    docs = load_token_docs(corpora.path / f"{name}.parquet")
     if fraction >= 1.0:
         return docs
     order = np.random.default_rng(seed).permutation(len(docs))
@@ -309,18 +295,6 @@ class EntiGraphConfig(Strict):
         return self
 
 
-def _synth():
-    import pipelines.entigraph_synth as m
-
-    return m
-
-
-def _eval():
-    import pipelines.entigraph_eval as m
-
-    return m
-
-
 CONFIG = EntiGraphConfig
 
 
@@ -351,7 +325,6 @@ def plan(cfg: EntiGraphConfig, docs: list[dict]) -> dict[str, Any]:
 def synthesis_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factory) -> Stage:
     """Entities, relations and summaries (``entigraph.parquet``) and their megadocs; resumable
     per request under ``work/`` (a killed stage asks only what is missing)."""
-    s = _synth()
     st = run.stage("synthesis", {"generator": cfg.generator.model_dump(exclude={"timeout_s", "concurrency"}),
                                  "synth": cfg.synth.model_dump(exclude={"styles", "style_prompts",
                                                                         "rephrases_per_style", "rephrase_sampling"})},
@@ -359,17 +332,16 @@ def synthesis_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factor
     if st.up_to_date():
         return st
     st.begin(keep_partial=True)
-    rows, stats = s.synthesize(documents(corpus), gen_factory(), cfg.synth, st.path / "work")
+    rows, stats = entigraph_synth.synthesize(documents(corpus), gen_factory(), cfg.synth, st.path / "work")
     if not rows:
         raise RuntimeError(f"synthesis produced nothing: {stats}")
     write_parquet(rows, st.path / "entigraph.parquet")
-    write_parquet(s.megadocs(rows), st.path / "megadocs.parquet")
+    write_parquet(entigraph_synth.megadocs(rows), st.path / "megadocs.parquet")
     st.finish(**stats)
     return st
 
 
 def rephrase_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factory) -> Stage:
-    s = _synth()
     st = run.stage("rephrase", {"generator": cfg.generator.model_dump(exclude={"timeout_s", "concurrency"}),
                                 "styles": cfg.synth.styles, "style_prompts": cfg.synth.style_prompts,
                                 "per_style": cfg.synth.rephrases_per_style,
@@ -379,7 +351,8 @@ def rephrase_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factory
         return st
     st.begin(keep_partial=True)
     stats: dict[str, Any] = {}
-    rows = s.rephrase(documents(corpus), cfg.synth.styles, gen_factory(), cfg.synth, st.path / "work", stats)
+    rows = entigraph_synth.rephrase(documents(corpus), cfg.synth.styles, gen_factory(), cfg.synth,
+                                    st.path / "work", stats)
     if not rows:
         raise RuntimeError(f"rephrasing produced nothing: {stats}")
     write_parquet(rows, st.path / "rephrase.parquet")
@@ -401,7 +374,7 @@ def eval_stage(run: RunDir, cfg: EntiGraphConfig, name: str, model: Stage | str,
     st.begin(keep_partial=False)
     path = str(model_dir(model)) if isinstance(model, Stage) else model
     qs = questions(corpus)
-    res = _eval().evaluate(path, qs, documents(corpus), heldout_texts(data_dir), ecfg) if qs else \
+    res = entigraph_eval.evaluate(path, qs, documents(corpus), heldout_texts(data_dir), ecfg) if qs else \
         {"closed_book": None, "note": "no questions for this corpus"}
     (st.path / "eval.json").write_text(json.dumps(res, indent=1, default=str))
     st.finish(**{k: v for k, v in res.items() if k != "heldout"})
@@ -433,7 +406,7 @@ def run(cfg: EntiGraphConfig | dict) -> dict[str, Any]:
 
     def gen_factory():
         if not gens:
-            gens.append(_synth().make_generator(cfg.generator, ledger))
+            gens.append(entigraph_synth.make_generator(cfg.generator, ledger))
         return gens[0]
 
     try:

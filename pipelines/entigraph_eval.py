@@ -17,7 +17,6 @@ unit-norm vectors (cosine similarity), optionally re-ranking the top candidates 
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -104,27 +103,21 @@ def _device_of(model, device: str | None) -> Any:
     return device if device is not None else next(model.parameters()).device
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def token_logprobs(model, seqs: Sequence[Sequence[int]], starts: Sequence[int], batch_size: int = 8,
                    device: str | None = None) -> list[np.ndarray]:
     """``log p(seq[t] | seq[:t])`` for every ``t`` in ``[start, len(seq))``, one array per sequence.
 
     Batches are right-padded: a real token then only ever attends to real tokens before it
     (the causal mask hides the padding after it) and keeps its natural position, so the
-    result equals scoring each sequence alone. Sequences are grouped by where their scored
-    span lies, and only the logits of the scored span are projected to the vocabulary."""
+    result equals scoring each sequence alone. Sequences are grouped by length, and only the
+    scored positions go through the output layer (``trainers.grpo.token_logprobs``)."""
     import torch
+
+    from trainers.grpo import token_logprobs as masked_logprobs
 
     if any(s < 1 for s in starts):
         raise ValueError("a scored token needs at least one token before it (start >= 1)")
     dev = _device_of(model, device)
-    keep_ok = _accepts_logits_to_keep(model)
     order = sorted(range(len(seqs)), key=lambda i: (starts[i], len(seqs[i])))
     out: list[np.ndarray | None] = [None] * len(seqs)
     with torch.no_grad():
@@ -132,22 +125,13 @@ def token_logprobs(model, seqs: Sequence[Sequence[int]], starts: Sequence[int], 
             idx = order[b:b + batch_size]
             width = max(len(seqs[i]) for i in idx)
             ids = torch.zeros((len(idx), width), dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            scored = torch.zeros((len(idx), width), dtype=torch.long)
             for r, i in enumerate(idx):
                 ids[r, :len(seqs[i])] = torch.tensor(list(seqs[i]), dtype=torch.long)
-                mask[r, :len(seqs[i])] = 1
-            lo = min(starts[i] for i in idx) - 1  # logits at t-1 predict token t
-            hi = max(len(seqs[i]) for i in idx) - 1
-            kwargs = {"logits_to_keep": torch.arange(lo, hi, device=dev)} if keep_ok else {}
-            pos = torch.arange(width).expand(len(idx), width)
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                           use_cache=False, **kwargs).logits
-            offset = lo if keep_ok else 0
+                scored[r, starts[i]:len(seqs[i])] = 1
+            lp = masked_logprobs(model, ids.to(dev), scored.to(dev)).cpu()
             for r, i in enumerate(idx):
-                s, n = starts[i], len(seqs[i])
-                lp = torch.log_softmax(logits[r, s - 1 - offset:n - 1 - offset].float(), dim=-1)
-                target = ids[r, s:n].to(lp.device)
-                out[i] = lp.gather(-1, target[:, None]).squeeze(-1).cpu().numpy().astype(np.float64)
+                out[i] = lp[r, starts[i]:len(seqs[i])].numpy().astype(np.float64)
     return out  # type: ignore[return-value]
 
 

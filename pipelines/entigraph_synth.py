@@ -38,6 +38,7 @@ from typing import Any, Literal, Sequence
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from actors.engine.base import per_request
 from selftaught.config import EngineConfig, SamplingConfig, Strict, StructuredOutput
 from selftaught.llm import LLMConfig
 
@@ -110,15 +111,6 @@ class GenOut:
     exc: BaseException | None = field(default=None, repr=False, compare=False)  # a budget stop, re-raised
 
 
-def _per_request(sampling: SamplingConfig | Sequence[SamplingConfig], n: int) -> list[SamplingConfig]:
-    if isinstance(sampling, SamplingConfig):
-        return [sampling] * n
-    sampling = list(sampling)
-    if len(sampling) != n:
-        raise ValueError(f"got {len(sampling)} sampling settings for {n} conversations")
-    return sampling
-
-
 class Generator:
     """Answers conversations; every backend returns :class:`GenOut` in input order, one per
     conversation, and reports a failed call in ``error`` instead of raising (a cap still
@@ -169,7 +161,7 @@ class LocalGenerator(Generator):
         if not conversations:
             return []
         params = [p.model_copy(update={"n": 1}) if p.n != 1 else p
-                  for p in _per_request(sampling, len(conversations))]
+                  for p in per_request(sampling, len(conversations))]
         try:
             return [self._out(o) for o in self.chat_model.chat([list(c) for c in conversations], params)]
         except Exception as e:  # noqa: BLE001 - find the bad conversation(s) one by one
@@ -208,7 +200,7 @@ class RemoteGenerator(Generator):
         from selftaught.llm import LLMError
 
         n = len(conversations)
-        params = _per_request(sampling, n)
+        params = per_request(sampling, n)
         tags = list(tags) if tags is not None else [None] * n
 
         def one(i: int) -> GenOut:
@@ -389,10 +381,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     _json_repair = None
 
 
-def _scan_close(s: str) -> str:
-    """``s`` cut after its first complete top-level value, or closed (open string, then open
-    brackets) when it ends early (an answer cut by the token limit)."""
-    stack: list[str] = []
+def _outside_strings(s: str) -> tuple[list[tuple[int, str]], bool]:
+    """The characters of ``s`` outside JSON strings, with their positions, and whether ``s``
+    ends inside a string (an answer cut by the token limit)."""
+    out: list[tuple[int, str]] = []
     in_str = esc = False
     for i, ch in enumerate(s):
         if in_str:
@@ -402,10 +394,20 @@ def _scan_close(s: str) -> str:
                 esc = True
             elif ch == '"':
                 in_str = False
-            continue
-        if ch == '"':
+        elif ch == '"':
             in_str = True
-        elif ch in "{[":
+        else:
+            out.append((i, ch))
+    return out, in_str
+
+
+def _scan_close(s: str) -> str:
+    """``s`` cut after its first complete top-level value, or closed (open string, then open
+    brackets) when it ends early (an answer cut by the token limit)."""
+    stack: list[str] = []
+    chars, in_str = _outside_strings(s)
+    for i, ch in chars:
+        if ch in "{[":
             stack.append("}" if ch == "{" else "]")
         elif ch in "}]":
             if stack and stack[-1] == ch:
@@ -418,21 +420,7 @@ def _scan_close(s: str) -> str:
 
 def _top_commas(s: str) -> list[int]:
     """Positions of commas outside strings (to drop a dangling last element)."""
-    pos, in_str, esc = [], False, False
-    for i, ch in enumerate(s):
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == '"':
-            in_str = True
-        elif ch == ",":
-            pos.append(i)
-    return pos
+    return [i for i, ch in _outside_strings(s)[0] if ch == ","]
 
 
 def _loads_dict(s: str) -> dict | None:

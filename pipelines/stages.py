@@ -50,18 +50,25 @@ def tokenizer_stage(run: RunDir, cfg: TokenizerConfig, train_path: Path, name: s
     return st
 
 
-def tokens_stage(run: RunDir, tok_stage: Stage, paths: dict[str, Path], name: str = "tokens",
+def tokens_stage(run: RunDir, tok_stage: Stage | Path, paths: dict[str, Path], name: str = "tokens",
                  max_tokens: int | None = None, filter_splits: tuple[str, ...] = (),
                  deps: tuple[Stage, ...] = ()) -> Stage:
     """Token ids per document (``id``, ``ids`` as Parquet ``list<int32>``), so training restarts
-    fast. In ``filter_splits``, documents longer than ``max_tokens`` are dropped and counted."""
+    fast. In ``filter_splits``, documents longer than ``max_tokens`` are dropped and counted.
+    ``tok_stage``: a tokenizer stage, or a model directory whose tokenizer to use (continued
+    pretraining of a packaged model)."""
     from selftaught.models import load_tokenizer
 
-    st = run.stage(name, {"max_tokens": max_tokens, "filter_splits": list(filter_splits)}, deps=[tok_stage, *deps],
-                   inputs={k: file_fingerprint(p) for k, p in paths.items()})
+    settings: dict = {"max_tokens": max_tokens, "filter_splits": list(filter_splits)}
+    if isinstance(tok_stage, Stage):
+        tok_dir, deps = tok_stage.path, (tok_stage, *deps)
+    else:
+        tok_dir = Path(tok_stage)
+        settings["tokenizer"] = str(tok_dir)
+    st = run.stage(name, settings, deps=list(deps), inputs={k: file_fingerprint(p) for k, p in paths.items()})
     if not st.up_to_date():
         st.begin(keep_partial=False)
-        tok = load_tokenizer(tok_stage.path)
+        tok = load_tokenizer(tok_dir)
         eos = tok.eos_token_id
         counts = {}
         for split, path in paths.items():
