@@ -133,7 +133,11 @@ class GenerateBatch:
     different budgets share engine batches). With ``n > 1`` each input row yields ``n`` output
     rows (``sample_index`` tells them apart). Budget-forced rows fill ``generated_reasoning``,
     ``generated_answer`` and ``generated_budget`` (the token accounting as JSON); plain rows have
-    an empty reasoning and budget and the whole text as answer, so every batch has one schema."""
+    an empty reasoning and budget and the whole text as answer, so every batch has one schema.
+
+    A row the engine cannot serve (a prompt longer than the context, say) fails alone: the batch
+    is retried row by row and the bad row comes out with ``finish_reason`` "error" and the reason
+    in ``generated_error``, so it never fails the task (and with it the dataset) for its mates."""
 
     def __init__(self, engine_cfg: dict, sampling: dict | None = None, prompt_column: str = "prompt",
                  sampling_column: str | None = None, num_cpus: float | None = None,
@@ -152,14 +156,20 @@ class GenerateBatch:
                 over = json.loads(raw) if isinstance(raw, str) and raw else (raw or {})
             params.append(SamplingConfig.model_validate({**self.sampling.model_dump(), **over})
                           if over else self.sampling)
-        if self.chat:
-            outs = self.host.engine.chat([json.loads(p) if isinstance(p, str) else p for p in prompts], params)
-        else:
-            outs = self.host.engine.generate([p if isinstance(p, str) else list(p) for p in prompts], params)
+        outs = self._serve(prompts, params)
         cols: dict[str, list] = {k: [] for k in batch}
         extra = {"generated_text": [], "sample_index": [], "prompt_tokens": [], "completion_tokens": [],
-                 "finish_reason": [], "generated_reasoning": [], "generated_answer": [], "generated_budget": []}
+                 "finish_reason": [], "generated_reasoning": [], "generated_answer": [], "generated_budget": [],
+                 "generated_error": []}
         for i, o in enumerate(outs):
+            if isinstance(o, str):  # this row alone failed
+                for k in batch:
+                    cols[k].append(batch[k][i])
+                for k, v in (("generated_text", ""), ("sample_index", 0), ("prompt_tokens", 0),
+                             ("completion_tokens", 0), ("finish_reason", "error"), ("generated_reasoning", ""),
+                             ("generated_answer", ""), ("generated_budget", ""), ("generated_error", o)):
+                    extra[k].append(v)
+                continue
             for s, c in enumerate(o.completions):
                 for k in batch:
                     cols[k].append(batch[k][i])
@@ -171,7 +181,20 @@ class GenerateBatch:
                 extra["generated_reasoning"].append(c.reasoning or "")
                 extra["generated_answer"].append(c.text if c.answer is None else c.answer)
                 extra["generated_budget"].append(json.dumps(c.budget) if c.budget is not None else "")
+                extra["generated_error"].append((c.error or "") if c.finish_reason == "error" else "")
         return {**cols, **extra}
+
+    def _serve(self, prompts: list, params: list[SamplingConfig]) -> list:
+        """Engine outputs in row order; a row that fails on its own is its error message."""
+        try:
+            if self.chat:
+                return self.host.engine.chat([json.loads(p) if isinstance(p, str) else p for p in prompts], params)
+            return self.host.engine.generate([p if isinstance(p, str) else list(p) for p in prompts], params)
+        except Exception as e:  # noqa: BLE001 - find the bad row(s) one by one
+            if len(prompts) == 1:
+                return [f"{type(e).__name__}: {e}"[:1000]]
+            log.warning("generation batch of %d failed (%s); retrying row by row", len(prompts), e)
+            return [self._serve([p], [s])[0] for p, s in zip(prompts, params)]
 
 
 def generate_dataset(ds, engine_cfg: EngineConfig, sampling: SamplingConfig | None = None,

@@ -306,15 +306,17 @@ def plan(cfg: EntiGraphConfig, docs: list[dict]) -> dict[str, Any]:
     pairs = s.max_pairs if s.max_pairs is not None else s.max_entities * (s.max_entities - 1) // 2
     per_doc = {"extraction": 1 + s.retries, "relations": pairs + s.triplets,
                "rephrase": len(s.styles) * s.rephrases_per_style if "rephrase" in cfg.cpt.arms else 0}
-    calls = {k: v * len(docs) for k, v in per_doc.items()}
+    pieces = [len(entigraph_synth.extraction_units(d, s)) for d in docs]
+    calls = {k: v * (sum(pieces) if k == "extraction" else len(docs)) for k, v in per_doc.items()}
     out: dict[str, Any] = {"documents": len(docs), "max_calls": calls, "max_calls_total": sum(calls.values())}
     if cfg.generator.backend != "local":
         from selftaught.llm import worst_case_cost
 
         usd = 0.0
-        for d in docs:
+        for d, n in zip(docs, pieces):
             prompt = min(len(d["text"]), s.max_doc_chars) // 3 + 300
-            usd += per_doc["extraction"] * worst_case_cost(cfg.generator.llm, prompt, s.extract_sampling.max_new_tokens)
+            piece = min(len(d["text"]), s.extract_chunk_chars or s.max_doc_chars) // 3 + 300
+            usd += n * per_doc["extraction"] * worst_case_cost(cfg.generator.llm, piece, s.extract_sampling.max_new_tokens)
             usd += per_doc["relations"] * worst_case_cost(cfg.generator.llm, prompt, s.relation_sampling.max_new_tokens)
             usd += per_doc["rephrase"] * worst_case_cost(cfg.generator.llm, prompt, s.rephrase_sampling.max_new_tokens)
         out["worst_case_usd"] = usd

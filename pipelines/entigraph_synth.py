@@ -33,7 +33,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -52,7 +52,10 @@ class GeneratorConfig(Strict):
     """Which model writes the synthetic corpus, and how it is reached."""
 
     backend: Literal["local", "litellm", "openai"] = "local"
-    # local: our engine on Ray actors (default: the packaged SmolLM2-135M-Instruct)
+    # local: our engine (default: the packaged SmolLM2-135M-Instruct) on a pool of actors fed by
+    # Ray Data ("ray_data": each stage's requests are one dataset streamed through map_batches,
+    # answers written as they finish) or on long-lived actors called batch by batch ("actors")
+    fanout: Literal["ray_data", "actors"] = "ray_data"
     engine: EngineConfig = Field(default_factory=EngineConfig)
     num_actors: int | None = Field(default=None, ge=1)  # None: engine.num_actors
     timeout_s: float = Field(default=1800.0, gt=0)  # bound on one batch's wait for the actors
@@ -75,6 +78,12 @@ class SynthConfig(Strict):
 
     max_doc_chars: int = Field(default=12_000, ge=100)  # a longer document is cut before prompting
     max_entities: int = Field(default=64, ge=2)
+    # the decoding schema asks for at least this many (a small model otherwise stops at one or two)
+    min_entities: int = Field(default=2, ge=1)
+    # extract from pieces of at most this many characters and merge them (None: the whole
+    # document in one request, as the thesis does with a strong model; a small model reads a short
+    # piece far better than a long one)
+    extract_chunk_chars: int | None = Field(default=None, ge=100)
     max_entity_chars: int = Field(default=80, ge=2)  # longer "entities" are sentences, not names
     max_summary_chars: int = Field(default=2_000, ge=10)  # bound in the decoding schema
     retries: int = Field(default=2, ge=0)  # extra attempts for a malformed extraction answer
@@ -122,6 +131,16 @@ class Generator:
     def chat(self, conversations: Sequence[Messages], sampling: SamplingConfig | Sequence[SamplingConfig],
              tags: Sequence[str | None] | None = None) -> list[GenOut]:
         raise NotImplementedError
+
+    def stream(self, conversations: Sequence[Messages], sampling: SamplingConfig | Sequence[SamplingConfig],
+               tags: Sequence[str | None] | None = None, chunk: int = 64) -> Iterator[list[tuple[int, GenOut]]]:
+        """Answers as ``(index, GenOut)`` lists of about ``chunk``, in the order they finish, so a
+        caller can keep each before the rest are done. Here: :meth:`chat` over consecutive slices."""
+        params = per_request(sampling, len(conversations))
+        tags = list(tags) if tags is not None else [None] * len(conversations)
+        for i in range(0, len(conversations), chunk):
+            outs = self.chat(conversations[i:i + chunk], params[i:i + chunk], tags[i:i + chunk])
+            yield list(enumerate(outs, start=i))
 
     def close(self) -> None:
         """Release what the generator holds (actors)."""
@@ -179,6 +198,77 @@ class LocalGenerator(Generator):
             self.chat_model.actors = []
 
 
+class DataGenerator(Generator):
+    """Our engine through Ray Data: one call's conversations become a dataset streamed through a
+    pool of engine actors (:func:`actors.generator.generate_dataset`, ``map_batches`` on an actor
+    pool) with Ray Data's back-pressure, and answers come back as blocks finish. A row the engine
+    cannot serve fails alone (``error`` set). A call with no answer for ``timeout_s`` raises."""
+
+    supports_schema = True
+    _IDX = "_entigraph_index"
+
+    def __init__(self, cfg: GeneratorConfig):
+        self.cfg, self.model = cfg, cfg.engine.model
+
+    def stream(self, conversations, sampling, tags=None, chunk: int = 64):
+        if not conversations:
+            return
+        import queue
+        import threading
+
+        import ray.data
+
+        from actors.generator import generate_dataset
+
+        params = [p.model_copy(update={"n": 1}) if p.n != 1 else p
+                  for p in per_request(sampling, len(conversations))]
+        items = [{self._IDX: i, "prompt": json.dumps(list(c)), "sampling": p.model_dump_json()}
+                 for i, (c, p) in enumerate(zip(conversations, params))]
+        ds = generate_dataset(ray.data.from_items(items), self.cfg.engine, SamplingConfig(), prompt_column="prompt",
+                              num_actors=self.cfg.num_actors, sampling_column="sampling", chat=True)
+        ds = ds.select_columns([self._IDX, "generated_text", "prompt_tokens", "completion_tokens",
+                                "finish_reason", "generated_error"])
+        rows: queue.Queue = queue.Queue(maxsize=4 * chunk)
+        done = object()
+
+        def consume() -> None:  # Ray Data's iterator has no timeout: read it beside a bounded wait
+            try:
+                for r in ds.iter_rows():
+                    rows.put(r)
+                rows.put(done)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                rows.put(e)
+
+        threading.Thread(target=consume, daemon=True, name="entigraph-ray-data").start()
+        buf: list[tuple[int, GenOut]] = []
+        while True:
+            try:
+                r = rows.get(timeout=self.cfg.timeout_s)
+            except queue.Empty:
+                raise TimeoutError(f"no generation finished in {self.cfg.timeout_s:.0f} s "
+                                   "(generator.timeout_s); rerun to resume") from None
+            if r is done:
+                break
+            if isinstance(r, BaseException):
+                raise r
+            err = r["generated_error"] or ("engine error" if r["finish_reason"] == "error" else None)
+            buf.append((int(r[self._IDX]), GenOut(text=str(r["generated_text"]), prompt_tokens=int(r["prompt_tokens"]),
+                                                  completion_tokens=int(r["completion_tokens"]),
+                                                  finish_reason=str(r["finish_reason"]), error=err)))
+            if len(buf) >= chunk:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    def chat(self, conversations, sampling, tags=None) -> list[GenOut]:
+        outs: list[GenOut] = [GenOut(error="no answer")] * len(conversations)
+        for batch in self.stream(conversations, sampling, tags):
+            for i, o in batch:
+                outs[i] = o
+        return outs
+
+
 class RemoteGenerator(Generator):
     """litellm (any provider) or an OpenAI-compatible server, through :class:`LLMClient`: its
     request cache, ledger reservations, retries and timeouts; ``concurrency`` calls in flight."""
@@ -223,7 +313,7 @@ def make_generator(cfg: GeneratorConfig, ledger: Any = None) -> Generator:
     """The configured backend. ``ledger`` (a :class:`~selftaught.ledger.Ledger` or its path)
     charges remote calls to ``cfg.llm.role`` and enforces its caps; local runs cost no dollars."""
     if cfg.backend == "local":
-        return LocalGenerator.start(cfg)
+        return DataGenerator(cfg) if cfg.fanout == "ray_data" else LocalGenerator.start(cfg)
     return RemoteGenerator(cfg, ledger)
 
 
@@ -286,8 +376,9 @@ def run_requests(requests: Sequence[Request], gen: Generator, out_dir: str | Pat
     """Run the requests not yet answered under ``out_dir`` and return every answered one (in
     request order) with counts.
 
-    Answers are written ``part_size`` at a time as ``part-NNNNN.parquet`` (atomically), so a
-    killed job loses at most the part in flight; a rerun reads the parts and skips their keys.
+    Answers are written about ``part_size`` at a time, as the generator finishes them (in any
+    order), as ``part-NNNNN.parquet`` (atomically), so a killed job loses at most the part in
+    flight; a rerun reads the parts and skips their keys.
     A failed call is counted and left out (it is asked again on the next run); an exhausted
     budget writes what finished and then raises ``BudgetExceeded``."""
     from selftaught.storage import write_parquet
@@ -301,11 +392,11 @@ def run_requests(requests: Sequence[Request], gen: Generator, out_dir: str | Pat
     stats: dict[str, Any] = {"requested": len(unique), "resumed": len(unique) - len(pending), "generated": 0,
                              "failed": 0, "cached": 0, "parts": 0, "prompt_tokens": 0, "completion_tokens": 0,
                              "cost_usd": 0.0, "errors": []}
-    for i in range(0, len(pending), part_size):
-        chunk = pending[i:i + part_size]
-        outs = gen.chat([r.messages for r in chunk], [r.sampling for r in chunk], tags=[r.key for r in chunk])
+    stream = gen.stream([r.messages for r in pending], [r.sampling for r in pending],
+                        tags=[r.key for r in pending], chunk=part_size)
+    for batch in stream:
         rows, stop = [], None
-        for r, o in zip(chunk, outs):
+        for r, o in ((pending[i], o) for i, o in batch):
             if o.error is not None:
                 stats["failed"] += 1
                 if len(stats["errors"]) < 5:
@@ -490,16 +581,16 @@ Title: {title}
 
 {text}
 
-Answer with one JSON object with two fields:
-- "summary": what the document says, in a few sentences;
+Answer with one JSON object with two fields, in this order:
 - "entities": every entity the document mentions: people, places, organisations, objects, \
 events, works, ideas and technical concepts. Give each one once, by a short name, and list as \
-many as you can find.
+many as you can find;
+- "summary": what the document says, in a few sentences.
 Write only the JSON object."""
 
 RETRY_USER = """\
 Your answer could not be read as the requested JSON object. Answer again with only one JSON \
-object of the form {"summary": "...", "entities": ["...", "..."]}, with no other text."""
+object of the form {"entities": ["...", "..."], "summary": "..."}, with no other text."""
 
 RELATION_SYSTEM = ("You write clear explanatory prose about a given document. Everything you write stays "
                    "faithful to the document; you never contradict it.")
@@ -528,6 +619,17 @@ STYLE_PROMPTS: dict[str, str] = {
 }
 
 
+def split_text(text: str, max_chars: int) -> list[str]:
+    """``text`` in consecutive pieces of at most ``max_chars``, each cut where :func:`cut_text`
+    would cut (a paragraph or sentence end when one is near)."""
+    pieces, rest = [], (text or "").strip()
+    while rest:
+        piece = cut_text(rest, max_chars)
+        pieces.append(piece)
+        rest = rest[len(piece):].strip()
+    return pieces
+
+
 def cut_text(text: str, max_chars: int) -> str:
     """``text`` cut to ``max_chars``, at a paragraph or sentence end when one is near."""
     text = (text or "").strip()
@@ -547,14 +649,16 @@ def _title(doc: dict) -> str:
 
 def entity_schema(cfg: SynthConfig) -> dict[str, Any]:
     """The JSON schema extraction is decoded under: bounded strings and list, so even a small
-    model's answer ends; at least two entities (a document with fewer gives no pair to write
-    about)."""
+    model's answer ends; at least ``min_entities`` entities (a document with fewer than two gives
+    no pair to write about). Entities come first: a model that runs out of tokens in the summary
+    has still listed them."""
     return {"type": "object",
-            "properties": {"summary": {"type": "string", "maxLength": cfg.max_summary_chars},
-                           "entities": {"type": "array", "minItems": 2, "maxItems": cfg.max_entities,
+            "properties": {"entities": {"type": "array", "minItems": min(cfg.min_entities, cfg.max_entities),
+                                        "maxItems": cfg.max_entities,
                                         "items": {"type": "string", "minLength": 1,
-                                                  "maxLength": cfg.max_entity_chars}}},
-            "required": ["summary", "entities"], "additionalProperties": False}
+                                                  "maxLength": cfg.max_entity_chars}},
+                           "summary": {"type": "string", "maxLength": cfg.max_summary_chars}},
+            "required": ["entities", "summary"], "additionalProperties": False}
 
 
 def extraction_messages(doc: dict, cfg: SynthConfig) -> Messages:
@@ -581,10 +685,16 @@ def rephrase_messages(doc: dict, style: str, cfg: SynthConfig) -> Messages:
 
 
 # --------------------------------------------------------------------------- step 1: entities
+# The extraction prompt's own category words: a small model lists them instead of entities.
+NOT_ENTITIES = frozenset({"people", "places", "organisations", "organizations", "objects", "events", "works",
+                          "ideas", "technical concepts", "concepts", "entities", "entity", "summary", "document",
+                          "title", "catalogue", "knowledge base", "json", "json object"})
+
+
 def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
     """Entity names as strings (``{"name": ...}`` items accepted), whitespace normalised, empty
-    and over-long ones dropped, duplicates dropped case-insensitively (first spelling kept),
-    at most ``max_entities``."""
+    and over-long ones dropped, the prompt's category words (:data:`NOT_ENTITIES`) dropped,
+    duplicates dropped case-insensitively (first spelling kept), at most ``max_entities``."""
     out: list[str] = []
     seen: set[str] = set()
     for e in raw if isinstance(raw, list) else []:
@@ -594,7 +704,7 @@ def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
             continue
         e = " ".join(e.split()).strip(" -*\u2022.,;:\"'`")
         key = e.casefold()
-        if not e or len(e) > max_chars or key in seen:
+        if not e or len(e) > max_chars or key in seen or key in NOT_ENTITIES:
             continue
         seen.add(key)
         out.append(e)
@@ -615,32 +725,49 @@ def parse_entities(text: str, cfg: SynthConfig) -> tuple[dict | None, bool]:
                                                            cfg.max_entity_chars)}, repaired
 
 
-def _extract_request(doc: dict, gen: Generator, cfg: SynthConfig, attempt: int = 0,
+def extraction_units(doc: dict, cfg: SynthConfig) -> list[dict]:
+    """What one document's extraction reads: the document (cut to ``max_doc_chars``) whole, or
+    in pieces of ``extract_chunk_chars``, each with the document's id and title."""
+    text = cut_text(doc["text"], cfg.max_doc_chars)
+    pieces = split_text(text, cfg.extract_chunk_chars) if cfg.extract_chunk_chars else [text]
+    return [{**doc, "text": p, "_piece": i} for i, p in enumerate(pieces)]
+
+
+def _extract_request(unit: dict, gen: Generator, cfg: SynthConfig, attempt: int = 0,
                      previous: str | None = None) -> Request:
     s = cfg.extract_sampling
     if gen.supports_schema:
         s = s.model_copy(update={"response_format": StructuredOutput(type="json_schema",
                                                                      json_schema=entity_schema(cfg))})
-    msgs = extraction_messages(doc, cfg)
+    msgs = extraction_messages(unit, cfg)
     if attempt:  # show the bad answer and ask again: a new request (a cache would repeat the old one)
         msgs += [{"role": "assistant", "content": (previous or "")[:2000]}, {"role": "user", "content": RETRY_USER}]
-    return Request(str(doc["id"]), "entities", [], msgs, s, gen.model, attempt=attempt)
+    return Request(str(unit["id"]), "entities", [], msgs, s, gen.model, attempt=attempt, draw=unit["_piece"])
+
+
+def _interleave(lists: Sequence[Sequence[str]]) -> list[str]:
+    """Round-robin over the pieces' entity lists, so a cap on the total keeps some of every piece."""
+    return [e for group in itertools.zip_longest(*lists) for e in group if e is not None]
 
 
 def extract_entities(docs: Sequence[dict], gen: Generator, cfg: SynthConfig,
                      out_dir: str | Path | None = None) -> tuple[list[dict], dict[str, Any]]:
-    """Step 1: per document one ``{"summary", "entities"}`` answer. Rows: ``source_id``,
-    ``title``, ``summary``, ``entities``, ``raw`` (the answer parsed), ``attempts``,
-    ``repaired``, ``prompt_tokens``, ``completion_tokens`` (all attempts). A document still
-    malformed after ``cfg.retries`` more attempts is counted (``stats["malformed"]``) and left
-    out; one whose call failed is counted in ``failed`` (asked again on the next run)."""
-    stats: dict[str, Any] = {"docs": len(docs), "requests": 0, "retried": 0, "malformed_answers": 0,
-                             "malformed": 0, "failed": 0, "repaired": 0, "entities": 0, "no_entities": 0,
-                             "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+    """Step 1: per document one ``{"summary", "entities"}`` answer (or one per piece with
+    ``extract_chunk_chars``, merged: entities interleaved and de-duplicated, summaries joined).
+    Rows: ``source_id``, ``title``, ``summary``, ``entities``, ``raw`` (the answers), ``attempts``
+    (the most any piece took), ``repaired``, ``pieces``, ``prompt_tokens``, ``completion_tokens``
+    (all attempts). A piece still malformed after ``cfg.retries`` more attempts is counted
+    (``stats["malformed"]``) and left out, a document none of whose pieces parsed with it
+    (``malformed_docs``); a failed call is counted in ``failed`` (asked again on the next run)."""
+    stats: dict[str, Any] = {"docs": len(docs), "pieces": 0, "requests": 0, "retried": 0, "malformed_answers": 0,
+                             "malformed": 0, "malformed_docs": 0, "failed": 0, "repaired": 0, "entities": 0,
+                             "no_entities": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
     by_id = {str(d["id"]): d for d in docs}
+    units = {(str(d["id"]), u["_piece"]): u for d in by_id.values() for u in extraction_units(d, cfg)}
+    stats["pieces"] = len(units)
     tokens: dict[str, list[int]] = {k: [0, 0] for k in by_id}
-    rows: dict[str, dict] = {}
-    pending = [_extract_request(d, gen, cfg) for d in by_id.values()]
+    parsed_units: dict[tuple[str, int], dict] = {}
+    pending = [_extract_request(u, gen, cfg) for u in units.values()]
     for attempt in range(cfg.retries + 1):
         if not pending:
             break
@@ -662,17 +789,25 @@ def extract_entities(docs: Sequence[dict], gen: Generator, cfg: SynthConfig,
             if parsed is None:
                 stats["malformed_answers"] += 1
                 if attempt < cfg.retries:
-                    retry.append(_extract_request(by_id[req.source_id], gen, cfg, attempt + 1, r["text"]))
+                    retry.append(_extract_request(units[(req.source_id, req.draw)], gen, cfg, attempt + 1, r["text"]))
                 else:
                     stats["malformed"] += 1
                 continue
             stats["repaired"] += int(repaired)
-            d = by_id[req.source_id]
-            rows[req.source_id] = {"source_id": req.source_id, "title": _title(d), **parsed, "raw": r["text"],
-                                   "attempts": attempt + 1, "repaired": repaired,
-                                   "prompt_tokens": t[0], "completion_tokens": t[1]}
+            parsed_units[(req.source_id, req.draw)] = {**parsed, "raw": r["text"], "attempts": attempt + 1,
+                                                       "repaired": repaired}
         pending = retry
-    out = [rows[k] for k in by_id if k in rows]
+    out = []
+    for sid, d in by_id.items():
+        got = [parsed_units[k] for k in sorted(k for k in parsed_units if k[0] == sid)]
+        if not got:
+            stats["malformed_docs"] += int(any(k[0] == sid for k in units))
+            continue
+        entities = clean_entities(_interleave([g["entities"] for g in got]), cfg.max_entities, cfg.max_entity_chars)
+        out.append({"source_id": sid, "title": _title(d), "summary": " ".join(g["summary"] for g in got if g["summary"]),
+                    "entities": entities, "raw": "\n".join(g["raw"] for g in got),
+                    "attempts": max(g["attempts"] for g in got), "repaired": any(g["repaired"] for g in got),
+                    "pieces": len(got), "prompt_tokens": tokens[sid][0], "completion_tokens": tokens[sid][1]})
     for r in out:
         stats["entities"] += len(r["entities"])
         stats["no_entities"] += int(not r["entities"])

@@ -110,6 +110,8 @@ def test_json_repair_and_entity_cleaning():
     assert parse_entities('{"summary": "only a summary"}', cfg)[0] is None  # no entity list: malformed
     assert clean_entities(["Alice", " alice ", "", "  ", "BOB", "Bob", {"name": "Carol"}, 7,
                            "a very long sentence, not a name"], 10, 12) == ["Alice", "BOB", "Carol"]
+    assert clean_entities(["people", "Tswana", "Places", "organisations", "Bechuanaland"], 10, 20) == \
+        ["Tswana", "Bechuanaland"]  # the prompt's category words are not entities
     parsed, _ = parse_entities('{"summary": "  two\\nlines ", "entities": ["a", "A", "b", "c", "d"]}', cfg)
     assert parsed == {"summary": "two lines", "entities": ["a", "b", "c"]}  # deduplicated, capped at 3
 
@@ -166,6 +168,26 @@ def test_extraction_repairs_retries_and_counts_malformed(tmp_path, monkeypatch):
     assert a["prompt_tokens"] == 20 and a["completion_tokens"] == 40  # both attempts counted (mock: 10 + 20 each)
     retry = [kw["messages"] for kw in seen if any(m["content"] == RETRY_USER for m in kw["messages"])]
     assert len(retry) == 3 and retry[0][-2]["role"] == "assistant"  # the bad answer is shown back
+
+
+def test_extraction_in_pieces_merges_entities_and_summaries(monkeypatch):
+    text = ("Mara keeps the lighthouse on Gull Rock. " * 3 + "\n\n" + "Tomas brings oil from Port Elin. " * 3)
+    doc = {"id": "doc/p", "title": "Pieces", "text": text}
+
+    def answer(messages):
+        piece = messages[1]["content"]
+        if "Mara" in piece:
+            return json.dumps({"entities": ["Mara", "lighthouse", "Gull Rock"], "summary": "Mara keeps it."})
+        return json.dumps({"entities": ["Tomas", "oil", "Port Elin", "mara"], "summary": "Tomas brings oil."})
+
+    seen = _answering(monkeypatch, answer)
+    cfg = _synth_cfg(extract_chunk_chars=130, max_entities=5)
+    rows, stats = extract_entities([doc], make_generator(_gen_cfg()), cfg)
+    assert len(seen) == 2 and (stats["pieces"], stats["requests"]) == (2, 2)
+    (r,) = rows
+    # interleaved over the pieces before the cap, so the second piece is not crowded out
+    assert r["entities"] == ["Mara", "Tomas", "lighthouse", "oil", "Gull Rock"] and r["pieces"] == 2
+    assert r["summary"] == "Mara keeps it. Tomas brings oil." and r["prompt_tokens"] == 20
 
 
 # ---------------------------------------------------------------- relations, megadocs, cache, ledger
@@ -283,7 +305,7 @@ def test_local_backend_decodes_extraction_under_the_schema(ray_cluster, tiny_cha
     # bounded strings and list: even random weights finish the object within max_new_tokens
     cfg = _synth_cfg(max_doc_chars=200, max_entities=2, max_entity_chars=8, max_summary_chars=16, retries=0,
                      extract_sampling=SamplingConfig(temperature=1.0, seed=0, max_new_tokens=320))
-    gen_cfg = GeneratorConfig(backend="local", num_actors=1, timeout_s=300,
+    gen_cfg = GeneratorConfig(backend="local", fanout="actors", num_actors=1, timeout_s=300,
                               engine=EngineConfig(backend="transformers", model=tiny_chat_lm, device="cpu",
                                                   cpus_per_actor=1))
     with make_generator(gen_cfg) as gen:
@@ -295,3 +317,25 @@ def test_local_backend_decodes_extraction_under_the_schema(ray_cluster, tiny_cha
         raw = json.loads(r["raw"])
         jsonschema.validate(raw, schema)
         assert r["entities"] == clean_entities(raw["entities"], 2, 8) and 0 < r["completion_tokens"] < 320
+
+
+def test_ray_data_fanout_writes_parts_isolates_a_bad_row_and_resumes(ray_cluster, tiny_chat_lm, tmp_path):
+    """The default local fan-out: one Ray Data dataset per stage through engine actors. A
+    conversation longer than the model's context fails alone; a rerun asks only for it."""
+    from pipelines.entigraph_synth import DataGenerator, Request, run_requests
+
+    gen_cfg = GeneratorConfig(backend="local", num_actors=1, timeout_s=300,
+                              engine=EngineConfig(backend="transformers", model=tiny_chat_lm, device="cpu",
+                                                  cpus_per_actor=1, max_batch_size=4))
+    s = SamplingConfig(temperature=1.0, seed=0, max_new_tokens=8)
+    gen = make_generator(gen_cfg)
+    assert isinstance(gen, DataGenerator) and gen.supports_schema
+    reqs = [Request(f"d{i}", "pair", ["a", "b"], [{"role": "user", "content": f"say something {i}"}], s, gen.model)
+            for i in range(6)]
+    reqs.append(Request("long", "pair", ["a", "b"], [{"role": "user", "content": "word " * 5000}], s, gen.model))
+    rows, stats = run_requests(reqs, gen, tmp_path / "parts", part_size=2)
+    assert (stats["generated"], stats["failed"]) == (6, 1) and stats["parts"] >= 3
+    assert [r["source_id"] for r in rows] == [f"d{i}" for i in range(6)]
+    assert all(0 < r["completion_tokens"] <= 8 for r in rows) and stats["errors"]
+    again, st2 = run_requests(reqs, gen, tmp_path / "parts", part_size=2)
+    assert (st2["resumed"], st2["generated"], st2["failed"]) == (6, 0, 1) and again == rows
