@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 def _set_threads(num_cpus: float | None) -> None:
     import torch
 
-    if num_cpus:
-        torch.set_num_threads(max(1, int(num_cpus)))
+    if num_cpus:  # 1.5 CPUs (one actor beside Ray's reserve on 2 cores) is 2 threads, not 1
+        torch.set_num_threads(max(1, math.ceil(num_cpus - 1e-6)))
 
 
 class EngineHost:
