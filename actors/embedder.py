@@ -108,7 +108,7 @@ def plan_pool(num_actors: int, total_cpus: float, threads_per_actor: int | None 
 def embed_dataset(ds, name: str = "minilm", num_actors: int = 2, batch_size: int = 64,
                   text_column: str = "text", cpus_per_actor: float | None = None,
                   threads_per_actor: int | None = None, rows_per_call: int | None = None,
-                  min_threads_per_actor: int = 2, preserve_order: bool = True):
+                  min_threads_per_actor: int = 2, preserve_order: bool = True, max_actors: int | None = None):
     """``ds`` with an ``embedding`` column, computed on a pool of embedder actors.
 
     ``batch_size`` is the model's forward batch; each actor call gets ``rows_per_call`` rows
@@ -117,6 +117,8 @@ def embed_dataset(ds, name: str = "minilm", num_actors: int = 2, batch_size: int
     a whole number of torch threads (``plan_pool``); ``cpus_per_actor`` overrides the CPU request.
     Every input column is kept; with ``preserve_order`` rows come out in input order (the
     returned dataset gets its own copy of the context, the caller's ``ds`` is not changed).
+    ``max_actors`` above the planned pool makes it elastic: Ray Data adds actors (each asking
+    for the same CPUs, which the autoscaler can act on) while blocks are queued, up to that many.
     """
     import ray
 
@@ -134,7 +136,9 @@ def embed_dataset(ds, name: str = "minilm", num_actors: int = 2, batch_size: int
              actors, threads, cpus, rows_per_call)
     out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={"name": name, "text_column": text_column,
                                                             "batch_size": batch_size, "threads": threads},
-                         batch_size=rows_per_call, compute=ray.data.ActorPoolStrategy(size=actors),
+                         batch_size=rows_per_call,
+                         compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=max(actors, max_actors))
+                         if max_actors and max_actors > actors else ray.data.ActorPoolStrategy(size=actors),
                          num_cpus=cpus, batch_format="numpy", zero_copy_batch=True)
     if preserve_order and not out.context.execution_options.preserve_order:
         ctx = out.context.copy()

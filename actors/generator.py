@@ -202,14 +202,18 @@ def generate_dataset(ds, engine_cfg: EngineConfig, sampling: SamplingConfig | No
                      prompt_column: str = "prompt", batch_size: int | None = None,
                      num_actors: int | None = None, sampling_column: str | None = None,
                      chat: bool = False):
-    """Stream a Ray Dataset through a pool of engine actors (``map_batches``)."""
+    """Stream a Ray Dataset through a pool of engine actors (``map_batches``): ``num_actors``
+    of them, or an elastic pool from ``engine_cfg.num_actors`` to ``engine_cfg.max_actors`` that
+    Ray Data grows while blocks are queued and shrinks when idle. A fixed CPU pool is sized to
+    fit the cluster; an elastic one asks for its full CPUs, so the autoscaler can add nodes."""
     import ray
 
     from selftaught.runtime import fit_actor_cpus
 
     n = num_actors or engine_cfg.num_actors
+    most = max(n, engine_cfg.max_actors or n)
     gpus = engine_cfg.gpus_per_actor
-    cpus = engine_cfg.cpus_per_actor if gpus else fit_actor_cpus(engine_cfg.cpus_per_actor, n)
+    cpus = engine_cfg.cpus_per_actor if gpus or most > n else fit_actor_cpus(engine_cfg.cpus_per_actor, n)
     return ds.map_batches(
         GenerateBatch,
         fn_constructor_kwargs={"engine_cfg": engine_cfg.model_dump(),
@@ -217,7 +221,8 @@ def generate_dataset(ds, engine_cfg: EngineConfig, sampling: SamplingConfig | No
                                "prompt_column": prompt_column, "sampling_column": sampling_column,
                                "num_cpus": cpus, "chat": chat},
         batch_size=batch_size or engine_cfg.max_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=n),
+        compute=ray.data.ActorPoolStrategy(size=n) if most == n else ray.data.ActorPoolStrategy(min_size=n,
+                                                                                                max_size=most),
         batch_format="numpy",
         **({"num_cpus": cpus, "num_gpus": gpus} if gpus else {"num_cpus": cpus}),
         **({"resources": engine_cfg.resources} if engine_cfg.resources else {}),

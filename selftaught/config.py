@@ -127,10 +127,21 @@ class EngineConfig(Strict):
     max_model_len: int | None = Field(default=None, ge=16)
     compile: bool = False  # CUDA graphs / torch.compile of the decode step (GPU path)
     num_actors: int = Field(default=1, ge=1)
+    # an elastic pool: Ray Data grows it from num_actors up to max_actors while work is queued
+    # and shrinks it back when idle; each actor asks for its full cpus/gpus, so the autoscaler
+    # adds nodes for it (None: a fixed pool of num_actors)
+    max_actors: int | None = Field(default=None, ge=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     gpus_per_actor: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor, e.g. {"policy_pool": 1}
     vllm: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for vllm.LLM(...)
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "EngineConfig":
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) is below num_actors ({self.num_actors}), "
+                             "the pool's minimum")
+        return self
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
