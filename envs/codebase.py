@@ -88,7 +88,9 @@ class CodebaseEnv(ResearchEnv):
         self.spec, self.root = spec, Path(root).resolve()
         self.name = spec.name
         self.cfg = executor or ExecutorConfig()
-        self.run_dir = Path(self.cfg.run_dir or Path("runs") / "research" / spec.name).resolve()
+        from selftaught.runtime import resolve_run_dir
+
+        self.run_dir = Path(resolve_run_dir(self.cfg.run_dir or Path("runs") / "research" / spec.name))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.baseline_files = self._baseline_files()
         self.protected_hashes = {p: _sha(t) for p, t in self.baseline_files.items() if self._protected(p)}

@@ -48,7 +48,22 @@ def _pipeline_config(path: str | None, overrides: list[str]):
     if not name:
         raise SystemExit("the config has no 'pipeline:' key (e.g. pipeline: quickstart)")
     cls, fn = get_pipeline(name)
-    return cls.model_validate(data), fn
+    return _on_storage(cls.model_validate(data)), fn
+
+
+def _on_storage(cfg):
+    """``cfg`` with its run directory placed on the shared storage (see ``resolve_run_dir``)."""
+    from selftaught.runtime import resolve_run_dir
+
+    try:
+        if getattr(cfg, "run_dir", None):
+            cfg = cfg.model_copy(update={"run_dir": resolve_run_dir(cfg.run_dir)})
+        ex = getattr(cfg, "executor", None)
+        if ex is not None and getattr(ex, "run_dir", None):
+            cfg = cfg.model_copy(update={"executor": ex.model_copy(update={"run_dir": resolve_run_dir(ex.run_dir)})})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return cfg
 
 
 def cmd_run(args) -> int:
@@ -201,7 +216,7 @@ def _research_config(args):
     if getattr(args, "spec", None):
         flags.append(f"spec_file={args.spec}")
     cfg = ResearchConfig.model_validate(apply_overrides(data, [*flags, *args.overrides]))
-    return cfg
+    return _on_storage(cfg)
 
 
 def _open_env(cfg):
@@ -357,6 +372,16 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from selftaught.submit import SubmitOptions, submit
+
+    env = dict(kv.split("=", 1) for kv in args.env or [])
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    return submit(command, SubmitOptions(address=args.address, working_dir=args.working_dir, storage=args.storage,
+                                         env=env, submission_id=args.submission_id, wait=not args.no_wait,
+                                         timeout_s=args.timeout))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="selftaught", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -368,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sbp", help="Synthetic Bootstrapped Pretraining (same as run with an sbp config)")
     _config_args(p)
     p.set_defaults(fn=cmd_sbp)
+
+    p = sub.add_parser("submit", help="run a selftaught command as a Ray job on a cluster (after --)")
+    p.add_argument("--address", help="the cluster's dashboard, e.g. http://head:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("--storage", help="shared run storage every node mounts (default: $SELFTAUGHT_STORAGE)")
+    p.add_argument("--working-dir", default=".", help="the code to upload (default: .)")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE", help="extra environment variable for the job")
+    p.add_argument("--submission-id", help="the job's id (default: Ray's)")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to follow the job, then stop it")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, help="-- then the selftaught command")
+    p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="what", required=True)

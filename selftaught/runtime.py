@@ -54,6 +54,48 @@ def init_ray(cfg: RayConfig | None = None, run_dir: str | Path | None = None) ->
     return res
 
 
+STORAGE_ENV = "SELFTAUGHT_STORAGE"
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
+
+
+def submitted_job_id() -> str | None:
+    """The submission id when this process is the driver of a ``ray job submit`` job."""
+    import json
+
+    raw = os.environ.get(JOB_ENV)
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("metadata") or {}).get("job_submission_id") or "unknown"
+    except ValueError:
+        return "unknown"
+
+
+def resolve_run_dir(run_dir: str | Path, storage: str | None = None) -> str:
+    """Where a run's directory really is. A relative ``run_dir`` goes under the shared storage
+    named by ``storage`` or ``$SELFTAUGHT_STORAGE`` (a path every node mounts: NFS, EFS,
+    Filestore, Lustre, a FUSE-mounted bucket), so outputs, checkpoints and journals land where
+    every node and the next job see them. Inside a submitted Ray job, a relative run dir with
+    no storage set is refused: it would sit in the job's temporary working directory, which
+    Ray deletes, and on the head node's disk, which the workers do not see."""
+    storage = storage if storage is not None else os.environ.get(STORAGE_ENV) or None
+    path = Path(str(run_dir)).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if storage:
+        if "://" in storage:
+            raise ValueError(f"{STORAGE_ENV}={storage!r}: storage must be a path that every node mounts "
+                             "(runs keep SQLite journals and resumable stage folders); mount the bucket "
+                             "(e.g. s3fs, gcsfuse) and give its mount point")
+        return str(Path(storage).expanduser().resolve() / path)
+    if submitted_job_id():
+        raise ValueError(f"run_dir {str(run_dir)!r} is relative and this is a submitted Ray job: it would be "
+                         f"written into the job's temporary working directory. Set {STORAGE_ENV} to shared "
+                         "storage (runtime_env env_vars, or `selftaught submit --storage`), or give an "
+                         "absolute run_dir")
+    return str(path.resolve())
+
+
 def cluster_cpus() -> float:
     import ray
 
