@@ -224,7 +224,10 @@ class DataGenerator(Generator):
                   for p in per_request(sampling, len(conversations))]
         items = [{self._IDX: i, "prompt": json.dumps(list(c)), "sampling": p.model_dump_json()}
                  for i, (c, p) in enumerate(zip(conversations, params))]
-        ds = generate_dataset(ray.data.from_items(items), self.cfg.engine, SamplingConfig(), prompt_column="prompt",
+        # blocks of about ``chunk`` rows: answers come back (and are written) block by block
+        blocks = max(1, math.ceil(len(items) / max(1, min(chunk, self.cfg.engine.max_batch_size))))
+        ds = generate_dataset(ray.data.from_items(items, override_num_blocks=blocks), self.cfg.engine,
+                              SamplingConfig(), prompt_column="prompt",
                               num_actors=self.cfg.num_actors, sampling_column="sampling", chat=True)
         ds = ds.select_columns([self._IDX, "generated_text", "prompt_tokens", "completion_tokens",
                                 "finish_reason", "generated_error"])
@@ -686,9 +689,10 @@ def rephrase_messages(doc: dict, style: str, cfg: SynthConfig) -> Messages:
 
 # --------------------------------------------------------------------------- step 1: entities
 # The extraction prompt's own category words: a small model lists them instead of entities.
-NOT_ENTITIES = frozenset({"people", "places", "organisations", "organizations", "objects", "events", "works",
-                          "ideas", "technical concepts", "concepts", "entities", "entity", "summary", "document",
-                          "title", "catalogue", "knowledge base", "json", "json object"})
+NOT_ENTITIES = frozenset({"people", "places", "place", "organisations", "organizations", "objects", "events",
+                          "works", "ideas", "technical concepts", "concepts", "technologies", "techniques", "things",
+                          "entities", "entity", "summary", "document", "title", "catalogue", "knowledge base",
+                          "json", "json object"})
 
 
 def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
@@ -703,6 +707,8 @@ def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
         if not isinstance(e, str):
             continue
         e = " ".join(e.split()).strip(" -*\u2022.,;:\"'`")
+        if "_" in e:  # an identifier the model made up ("people_and_places"), not a name
+            continue
         key = e.casefold()
         if not e or len(e) > max_chars or key in seen or key in NOT_ENTITIES:
             continue
