@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from selftaught import metrics
 from selftaught.config import EngineConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,16 @@ class EngineHost:
         self.engine = create_engine(self.cfg)
 
     def generate(self, prompts: Sequence[Any], sampling: dict | list[dict] | None = None) -> list[dict]:
-        return [o.to_dict() for o in self.engine.generate(list(prompts), _sampling(sampling))]
+        with metrics.engine_call(self.cfg.model, "actor", len(prompts)) as served:
+            outs = self.engine.generate(list(prompts), _sampling(sampling))
+            served(outs)
+        return [o.to_dict() for o in outs]
 
     def chat(self, conversations: Sequence[Sequence[dict]], sampling: dict | list[dict] | None = None) -> list[dict]:
-        return [o.to_dict() for o in self.engine.chat(list(conversations), _sampling(sampling))]
+        with metrics.engine_call(self.cfg.model, "actor", len(conversations)) as served:
+            outs = self.engine.chat(list(conversations), _sampling(sampling))
+            served(outs)
+        return [o.to_dict() for o in outs]
 
     def update_weights(self, weights: Any, strict: bool = True) -> dict:
         """Load new weights into this actor's live engine (a state dict or a checkpoint path)."""
@@ -157,7 +164,9 @@ class GenerateBatch:
                 over = json.loads(raw) if isinstance(raw, str) and raw else (raw or {})
             params.append(SamplingConfig.model_validate({**self.sampling.model_dump(), **over})
                           if over else self.sampling)
-        outs = self._serve(prompts, params)
+        with metrics.engine_call(self.host.cfg.model, "batch", len(prompts)) as served:
+            outs = self._serve(prompts, params)
+            served(outs)
         cols: dict[str, list] = {k: [] for k in batch}
         extra = {"generated_text": [], "sample_index": [], "prompt_tokens": [], "completion_tokens": [],
                  "finish_reason": [], "generated_reasoning": [], "generated_answer": [], "generated_budget": [],

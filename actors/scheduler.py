@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 
 from pydantic import Field
 
+from selftaught import metrics
 from selftaught.config import Strict
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ class Scheduler:
                       "busy_s": 0.0, "placement_timeouts": 0, "cancelled": 0}
         self._gangs: dict[str, Any] = {}  # name -> placement group
         self.trace: deque[dict[str, Any]] = deque(maxlen=200_000)  # one row per job run on a slot
+        self._published = (0, 0, 0)  # running, queued, slots: this scheduler's share of the gauges
+        self._publish_metrics(force=True)
         self._thread = threading.Thread(target=self._loop, name="research-scheduler", daemon=True)
         self._thread.start()
 
@@ -273,6 +276,7 @@ class Scheduler:
                     pass
             self._slots.clear()
             gangs, self._gangs = list(self._gangs.values()), {}
+        self._publish_metrics(gone=True)
         for pg in gangs:
             try:
                 remove_placement_group(pg)
@@ -292,6 +296,7 @@ class Scheduler:
         import ray
 
         self._place()
+        self._publish_metrics()
         with self._lock:
             running = {s.ref: s for s in self._slots if s.ref is not None}
             readying = {s.ready_ref: s for s in self._slots if s.actor is None}
@@ -450,6 +455,7 @@ class Scheduler:
         log.warning("job %s: infrastructure failure (%s); retrying on another slot", job.job_id, reason)
         job.history.append(reason)
         job.enqueued = time.monotonic()
+        metrics.INFRA_RETRIES.inc()
         with self._lock:
             self.stats["infra_retries"] += 1
             self._pending.appendleft(job)
@@ -503,6 +509,18 @@ class Scheduler:
 
     def _emit(self, job: Job, outcome: dict[str, Any]) -> None:
         outcome = {**outcome, "infra_history": list(job.history), "dispatch_s": job.dispatch_s}
+        metrics.JOBS_FINISHED.inc(1, {"status": outcome.get("status", "?")})
         with self._lock:
             self.stats["finished"] += 1
         (job.sink or self._done).put(JobOutcome(job.job_id, outcome, job.tries, time.monotonic() - job.submitted))
+
+    def _publish_metrics(self, force: bool = False, gone: bool = False) -> None:
+        """Jobs running, jobs queued and slots held, as this scheduler's share of the process's
+        gauges (added, not set: two schedulers in one process sum); ``gone`` takes it back."""
+        with self._lock:
+            now = (0, 0, 0) if gone else (sum(1 for s in self._slots if s.job is not None), len(self._pending),
+                                          len(self._slots))
+            old, self._published = self._published, now
+        for gauge, n, o in zip((metrics.JOBS_RUNNING, metrics.JOBS_QUEUED, metrics.SCHEDULER_SLOTS), now, old):
+            if force or n != o:
+                gauge.add(n - o)

@@ -36,6 +36,7 @@ from envs.base import Idea, ResearchEnv, Result, new_id
 from envs.edits import matches_any
 from envs.journal import Journal
 from envs.spec import CodebaseEnvSpec
+from selftaught import metrics
 from selftaught.config import RayConfig, Strict, fingerprint
 
 log = logging.getLogger(__name__)
@@ -437,6 +438,7 @@ class CodebaseEnv(ResearchEnv):
             return
         res.env = self.name
         res.wall_s = round(time.time() - info["t0"], 3)
+        metrics.IDEAS_EVALUATED.inc(1, {"env": self.name, "status": res.status})  # once per finished idea
         try:
             self.journal.finish(self.fp, idea_id, res.to_dict())
         finally:

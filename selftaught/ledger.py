@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from selftaught import metrics
 from selftaught.config import Strict
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,11 @@ class Ledger:
                 con.execute("DELETE FROM reservations WHERE id=?", (reservation.id,))
             self._bump_llm(con, role, calls=1, prompt_tokens=int(prompt_tokens),
                            completion_tokens=int(completion_tokens), usd=float(usd))
+            spent = self._sum(con, "SELECT usd FROM llm WHERE role=?", role) if metrics.ray_active() else None
+        metrics.LLM_CALLS.inc(1, {"role": role, "result": "paid"})
+        metrics.LLM_COST_USD.inc(float(usd), {"role": role})
+        if spent is not None:
+            metrics.LLM_SPENT_USD.set(spent, {"role": role, "ledger": Path(self.path).parent.name})
 
     def add_llm(self, role: str, *, usd: float, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         """Record a call made outside :class:`~selftaught.llm.LLMClient` (no reservation)."""
@@ -338,11 +344,14 @@ class Ledger:
             con.execute("DELETE FROM reservations WHERE id=?", (reservation.id,))
             if error and reservation.kind == "llm":
                 self._bump_llm(con, reservation.key, errors=1)
+        if error and reservation.kind == "llm":
+            metrics.LLM_CALLS.inc(1, {"role": reservation.key, "result": "error"})
 
     def record_hit(self, role: str, saved_usd: float) -> None:
         """A call answered from the cache: nothing spent, ``saved_usd`` (its original cost) saved."""
         with _Tx(self._con, self._lock) as con:
             self._bump_llm(con, role, cache_hits=1, saved_usd=float(saved_usd))
+        metrics.LLM_CALLS.inc(1, {"role": role, "result": "cache_hit"})
 
     # ------------------------------------------------------------------ compute
     def _check_compute(self, con: sqlite3.Connection, gpu_hours: float, cpu_hours: float, jobs: int) -> None:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from actors.engine.base import Completion, DecodePolicy, GenerationEngine, Prompt, StreamEvent
+from selftaught import metrics
 from selftaught.config import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class EngineLoop:
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-admit")
         self._ids = itertools.count()
         self.steps_failed = 0
+        self._metric_tags = {"model": getattr(engine, "model_name", "?"), "kind": "serve"}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -79,16 +81,22 @@ class EngineLoop:
             admitted.add_done_callback(lambda f: f.cancelled() or f.exception() or self.engine.abort(rid))
             raise
         self._wake.set()
+        metrics.ENGINE_QUEUE_DEPTH.add(1, self._metric_tags)  # admitted: queued or running until it ends
         left = sampling.n
         try:
             while left:
                 ev = await queue.get()
                 left -= ev.finished
+                if ev.finished and ev.completion is not None:
+                    metrics.GENERATED_TOKENS.inc(ev.completion.num_tokens, self._metric_tags)
                 yield ev
         finally:
+            metrics.ENGINE_QUEUE_DEPTH.add(-1, self._metric_tags)
             if left:
                 self.engine.abort(rid)
                 self._wake.set()
+            else:
+                metrics.ENGINE_REQUESTS.inc(1, self._metric_tags)
 
     async def generate(self, prompt: Prompt, sampling: SamplingConfig,
                        request_id: str | None = None) -> tuple[list[Completion], list[dict[str, Any]]]:
