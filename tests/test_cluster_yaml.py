@@ -99,6 +99,16 @@ def test_start_commands(cluster):
     worker = " ".join(cluster["worker_start_ray_commands"])
     assert "ray start --head" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
     assert "--address=$RAY_HEAD_IP:6379" in worker
+    for cmd in (head, worker):  # jobs run the venv's python and put run directories on the shared mount
+        assert "PATH=$HOME/venv/bin:$PATH" in cmd and "SELFTAUGHT_STORAGE=/mnt/shared/selftaught" in cmd
+
+
+def test_every_node_mounts_the_shared_storage(prepared):
+    types = prepared["available_node_types"]
+    roles = [prepared["head_setup_commands"], prepared["worker_setup_commands"],
+             *(t["worker_setup_commands"] for t in types.values() if "worker_setup_commands" in t)]
+    for cmds in roles:
+        assert any("/mnt/shared" in c and "mount -t nfs4" in c for c in cmds)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not available")
