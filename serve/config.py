@@ -1,7 +1,7 @@
 """Typed settings of the OpenAI-compatible Serve app (``selftaught serve``)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -39,6 +39,9 @@ class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     route_prefix: str = "/"
+    # where Serve runs its HTTP proxies: None is Serve's default (every node with a replica);
+    # "HeadOnly" when the nodes share one host and port (a local multi-node test cluster)
+    proxy_location: Literal["EveryNode", "HeadOnly"] | None = None
     app_name: str = "openai"
     num_replicas: int = Field(default=1, ge=1)  # ignored when autoscaling is set
     autoscaling: AutoscalingSettings | None = None

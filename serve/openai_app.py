@@ -381,7 +381,8 @@ def build_openai_app(cfg: ServeConfig):
 
 def run_openai_app(cfg: ServeConfig, blocking: bool = False):
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the app (Ray must be up)."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                **({"proxy_location": cfg.proxy_location} if cfg.proxy_location else {}))
     handle = serve.run(build_openai_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix,
                        blocking=blocking)
     return handle

@@ -9,7 +9,7 @@ from selftaught.config import Strict
 
 
 NOT_RESULTS = {"progress", "cpus_per_worker", "checkpoint_every", "keep_checkpoints", "resume", "stop_after_steps",
-               "max_failures"}
+               "max_failures", "worker_resources"}
 
 
 class TrainConfig(Strict):
@@ -31,6 +31,9 @@ class TrainConfig(Strict):
     num_workers: int = Field(default=1, ge=1)  # Ray Train workers (DDP over gloo/NCCL)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    # custom Ray resources each worker asks for besides its CPUs / GPU (placement only: pin the
+    # workers to a node type, e.g. {"trainer": 1}); a restarted group asks for the same
+    worker_resources: dict[str, float] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"
     progress: bool = True  # a tqdm bar on rank 0
     # engines: plain DDP (the simple path) or DeepSpeed ZeRO
@@ -42,7 +45,9 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(default=2, ge=1)
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
     stop_after_steps: int | None = Field(default=None, ge=1)  # end early (after checkpointing): preemption drills
-    max_failures: int = Field(default=0, ge=-1)  # Ray Train restarts of a failed run (-1: unlimited)
+    # Ray Train restarts of the worker group after a worker or its node dies (-1: unlimited);
+    # each restart resumes from the newest checkpoint in the storage path (docs/node_loss.md)
+    max_failures: int = Field(default=0, ge=-1)
 
     def result_fields(self) -> dict[str, Any]:
         """The settings that decide what a run computes: a stage's fingerprint and a checkpoint's

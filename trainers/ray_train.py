@@ -121,7 +121,7 @@ def fit(cfg: TrainConfig, init_dir: str | Path, train: Sequence, eval_docs, out_
         datasets=datasets,
         dataset_config=ShardByIndex(),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.worker_resources}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=_storage_path(storage_dir),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
