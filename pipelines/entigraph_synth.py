@@ -229,8 +229,8 @@ class DataGenerator(Generator):
         ds = generate_dataset(ray.data.from_items(items, override_num_blocks=blocks), self.cfg.engine,
                               SamplingConfig(), prompt_column="prompt",
                               num_actors=self.cfg.num_actors, sampling_column="sampling", chat=True)
-        ds = ds.select_columns([self._IDX, "generated_text", "prompt_tokens", "completion_tokens",
-                                "finish_reason", "generated_error"])
+        # (no select_columns: a projection is one more task operator, which on a small machine
+        # waits behind the engine actors for a CPU and holds every answer back until they finish)
         rows: queue.Queue = queue.Queue(maxsize=4 * chunk)
         done = object()
 
