@@ -366,7 +366,8 @@ report({"app_start_s": round(app_s, 1), "placed": placed, "victim": victim, "sta
 '''
 
 
-@pytest.mark.timeout(600)  # about 40-50 s on 2 cores: in the default run
+@pytest.mark.slow  # about 40-50 s on 2 cores: with the other cluster tests, after the default run
+@pytest.mark.timeout(600)
 def test_serve_keeps_answering_when_a_replica_node_dies(tmp_path, tiny_lm_dir):
     """Two replicas on two worker nodes; three clients send requests back to back (no client
     retries); one replica's node dies. Requests keep being answered by the other replica while
