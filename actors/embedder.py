@@ -124,9 +124,17 @@ def embed_dataset(ds, name: str = "minilm", num_actors: int = 2, batch_size: int
 
     from selftaught.runtime import cluster_cpus, fit_actor_cpus
 
-    actors, threads = plan_pool(num_actors, cluster_cpus() or 1.0, threads_per_actor, min_threads_per_actor)
+    elastic = bool(max_actors and max_actors > num_actors)
+    # an elastic pool's actors must fit one node, not the whole cluster's CPUs
+    room = _largest_node_cpus() if elastic else cluster_cpus()
+    actors, threads = plan_pool(num_actors, room or 1.0, threads_per_actor, min_threads_per_actor)
     # Request a little less than the threads' cores so that the feeding tasks still get scheduled.
-    cpus = cpus_per_actor if cpus_per_actor is not None else fit_actor_cpus(float(threads), actors, reserve=0.25)
+    if cpus_per_actor is not None:
+        cpus = cpus_per_actor
+    elif elastic:  # the whole request, which the autoscaler can act on (within one node)
+        cpus = float(min(threads, room)) if room else float(threads)
+    else:
+        cpus = fit_actor_cpus(float(threads), actors, reserve=0.25)
     if rows_per_call is None:
         n = _known_count(ds)
         rows_per_call = 512 if n is None else -(-n // (2 * actors))
@@ -145,6 +153,13 @@ def embed_dataset(ds, name: str = "minilm", num_actors: int = 2, batch_size: int
         ctx.execution_options.preserve_order = True
         out._context = ctx  # this dataset only; ``ds`` keeps its own context
     return out
+
+
+def _largest_node_cpus() -> float:
+    """CPUs of the largest alive node (what one actor can ever get)."""
+    import ray
+
+    return max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
 
 
 def _known_count(ds) -> int | None:

@@ -305,6 +305,7 @@ class Scheduler:
             self._wake.wait(timeout=0.2)
             self._wake.clear()
             self._expire_queue()
+            self._release_idle()  # an idle scheduler too gives its slots (and their nodes) back
             return
         # short: a job submitted meanwhile waits for this call to return before it is placed
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.02)
