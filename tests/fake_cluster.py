@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,13 +20,9 @@ from typing import Any
 
 import yaml
 
+from selftaught.net import free_port
+
 FAKE_HEAD = "ray.head.default"  # the provider's name for the head node type
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_config(launcher: dict[str, Any], idle_timeout_minutes: float | None = None,

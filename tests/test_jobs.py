@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from selftaught.net import free_port
 from selftaught.runtime import resolve_run_dir
 from selftaught.submit import _submit_when_ready
 
@@ -43,12 +43,6 @@ finally:
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_run_dir_goes_on_the_shared_storage(tmp_path, monkeypatch):
     monkeypatch.delenv("SELFTAUGHT_STORAGE", raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
@@ -69,11 +63,11 @@ def test_run_dir_goes_on_the_shared_storage(tmp_path, monkeypatch):
 def test_pipeline_runs_as_a_ray_job_with_outputs_on_shared_storage(tmp_path):
     from ray.job_submission import JobSubmissionClient
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     for k in ("RAY_ADDRESS", "SELFTAUGHT_STORAGE", "PYTHONPATH"):
         env.pop(k, None)
-    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER, str(port), "600", str(_free_port()), str(_free_port())], cwd=tmp_path, env=env,
+    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER, str(port), "600", str(free_port()), str(free_port())], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert cluster.stdout.readline().strip() == "READY", cluster.stderr.read()[-3000:]
