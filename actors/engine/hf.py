@@ -74,9 +74,16 @@ class TransformersEngine(GenerationEngine):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, self.device)
-        if model is None:
+        own = model is None
+        if own:
             tokenizer, model = load_causal_lm(cfg.model, device=self.device, dtype=dtype)
         self.model = model.to(self.device).eval()
+        if own:  # a model handed in may be shared (a trainer's): its attention is left as it is
+            from actors.engine.attention import use_gqa_sdpa_on_cpu
+
+            self.gqa_sdpa = use_gqa_sdpa_on_cpu(self.model)
+        else:
+            self.gqa_sdpa = False
         self.tokenizer = tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -519,10 +526,13 @@ class TransformersEngine(GenerationEngine):
             scaled = logits / temps.clamp(min=1e-5).unsqueeze(1)
             scaled = self._top_k_top_p(scaled, rows)
             probs = torch.softmax(scaled, dim=-1).cpu()
-            noise = torch.empty_like(probs).exponential_(generator=self._gen)
-            for j, r in enumerate(rows):
-                if r.generator is not None and r.params.temperature > 0:
-                    noise[j].exponential_(generator=r.generator)
+            own = [j for j, r in enumerate(rows) if r.generator is not None and r.params.temperature > 0]
+            # the engine's stream for rows without their own seed; skipped when every row has one
+            noise = torch.empty_like(probs)
+            if len(own) < len(rows):
+                noise.exponential_(generator=self._gen)
+            for j in own:
+                noise[j].exponential_(generator=rows[j].generator)
             sampled = (probs / noise).argmax(-1).to(logits.device)
             choice = torch.where(greedy, choice, sampled)
         out = choice.tolist()
@@ -560,23 +570,39 @@ class TransformersEngine(GenerationEngine):
                 rows[j].pending_lp = (picked[n], alts)
         return out
 
-    @staticmethod
-    def _top_k_top_p(scaled: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    TOP_P_CANDIDATES = 1024  # top-p looks at the best this many first; sorts everything only if p is not reached
+
+    @classmethod
+    def _top_k_top_p(cls, scaled: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+        """Top-k, then top-p (nucleus: the fewest best tokens whose mass reaches p, the token
+        crossing p kept). Exact; sorting the whole vocabulary per row per step was a tenth of a
+        CPU decode step, so the candidates come from ``topk`` and the full sort is the fallback
+        for a row whose nucleus is wider than them."""
         ks = [r.params.top_k for r in rows]
         ps = [r.params.top_p for r in rows]
+        V = scaled.shape[-1]
         if any(k > 0 for k in ks):
-            V = scaled.shape[-1]
             k_t = torch.tensor([k if k > 0 else V for k in ks], device=scaled.device).clamp(max=V)
-            kth = torch.sort(scaled, dim=-1, descending=True).values.gather(1, (k_t - 1).view(-1, 1))
+            kth = torch.topk(scaled, int(k_t.max()), dim=-1).values.gather(1, (k_t - 1).view(-1, 1))
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if any(p < 1.0 for p in ps):
-            p_t = torch.tensor(ps, device=scaled.device).view(-1, 1)
-            sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, descending=True)
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            remove = (cum - torch.softmax(sorted_logits, dim=-1)) >= p_t  # keep the token crossing p
-            sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(1, sorted_idx, sorted_logits)
-        return scaled
+        nucleus = [j for j, p in enumerate(ps) if p < 1.0]
+        if not nucleus:
+            return scaled
+        sel = torch.tensor(nucleus, device=scaled.device)
+        sub = scaled[sel]
+        p_t = torch.tensor([ps[j] for j in nucleus], device=scaled.device, dtype=sub.dtype).view(-1, 1)
+        K = min(V, cls.TOP_P_CANDIDATES)
+        vals, idx = torch.topk(sub, K, dim=-1) if K < V else torch.sort(sub, dim=-1, descending=True)
+        probs = (vals - torch.logsumexp(sub, dim=-1, keepdim=True)).exp()
+        cum = probs.cumsum(-1)
+        if K < V and not bool((cum[:, -1:] >= p_t).all()):  # a nucleus wider than the candidates
+            vals, idx = torch.sort(sub, dim=-1, descending=True)
+            probs = (vals - torch.logsumexp(sub, dim=-1, keepdim=True)).exp()
+            cum = probs.cumsum(-1)
+        vals = vals.masked_fill((cum - probs) >= p_t, float("-inf"))  # keep the token crossing p
+        out = scaled.clone()
+        out[sel] = torch.full_like(sub, float("-inf")).scatter(1, idx, vals)
+        return out
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, weights: Mapping[str, Any] | str | Path, strict: bool = True) -> dict[str, Any]:
