@@ -105,6 +105,11 @@ class Stage:
         rec = self.record() or {}
         return rec.get("outputs", {})
 
+    @property
+    def seconds(self) -> float | None:
+        """Wall-clock seconds of the attempt that finished the stage (None: not recorded)."""
+        return (self.record() or {}).get("seconds")
+
     def begin(self, keep_partial: bool = True) -> Path:
         """Prepare the directory. A stale marker (other hash) means the stage's inputs changed:
         its old outputs are removed. Partial outputs of the same hash are kept for resuming."""
@@ -126,8 +131,14 @@ class Stage:
         return self.path
 
     def finish(self, **outputs: Any) -> None:
+        """Write the marker: outputs, and ``seconds`` since the last :meth:`begin` (the attempt
+        that finished; a resumed stage's earlier attempts are not counted)."""
         rec = {"stage": self.name, "hash": self.hash, "inputs": self.inputs,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs}
+        try:
+            rec["seconds"] = round(time.time() - json.loads((self.path / "_STARTED.json").read_text())["time"], 1)
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            pass
         tmp = self.path / f".{MARKER}.tmp"
         tmp.write_text(json.dumps(rec, indent=2, default=str))
         tmp.replace(self.marker)

@@ -26,6 +26,7 @@ def test_stage_skip_and_rerun_only_affected(tmp_path):
         s.finish(rows=1)
     assert run.stage("a", config={"lr": 1}).complete
     assert run.stage("b", config={"n": 2}, deps=[a]).complete
+    assert a.seconds is not None and 0 <= a.seconds < 60  # wall clock of the finishing attempt
     # Changing b's config reruns b only; changing a's reruns a and (through the dep hash) b.
     assert not run.stage("b", config={"n": 3}, deps=[a]).complete
     a2 = run.stage("a", config={"lr": 2})
