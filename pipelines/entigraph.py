@@ -186,6 +186,8 @@ def _replay_docs(cfg: "EntiGraphConfig", data_dir: Path) -> list:
 
 
 def heldout_texts(data_dir: Path, n: int = 64) -> list[str]:
+    if n <= 0:
+        return []
     return read_parquet(data_dir / "wiki" / "eval.parquet", columns=["text"])["text"].to_pylist()[:n]
 
 
@@ -211,6 +213,30 @@ def cpt_stage(run: RunDir, cfg: "EntiGraphConfig", corpora: Stage, data_dir: Pat
 
 
 # --------------------------------------------------------------------------- 8. report
+def loglinear_fit(points: list[tuple[float, float]]) -> dict[str, float] | None:
+    """Least squares of ``accuracy = intercept + slope * log10(tokens)`` over the scaling arms:
+    ``slope`` is accuracy gained per 10x tokens, ``r2`` how straight the line is on a log axis
+    (the thesis's question). None with fewer than two distinct token counts."""
+    pts = [(math.log10(x), y) for x, y in points if x > 0 and y is not None]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
+    intercept = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for _, y in pts)
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in pts)
+    return {"slope_per_decade": slope, "intercept": intercept, "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0,
+            "points": n}
+
+
+def _scaling_points(rows: dict[str, Any]) -> list[tuple[float, float]]:
+    return sorted((r["niche_tokens"], r["eval"]["closed_book"]["loglik_acc"]) for k, r in rows.items()
+                  if k.startswith("entigraph") and (r.get("eval", {}).get("closed_book") or {}).get("loglik_acc")
+                  is not None)
+
+
 def write_report(run: RunDir, cfg: "EntiGraphConfig", st: dict[str, Stage], results: dict[str, Any]) -> Path:
     """``report.md`` (the arms at equal tokens, the scaling rows, RAG, forgetting),
     ``results.json`` and ``entigraph.png`` (closed-book accuracy against synthetic tokens, log x)."""
@@ -247,11 +273,21 @@ def write_report(run: RunDir, cfg: "EntiGraphConfig", st: dict[str, Stage], resu
     if n:
         se = math.sqrt(0.25 / n)
         lines += ["", f"With {n} questions, one standard error of an accuracy near 0.5 is {se:.3f}; chance is 0.25."]
+    fit = results.get("loglinear")
+    if fit:
+        lines += ["", f"Scaling: closed-book accuracy = {fit['intercept']:.3f} + {fit['slope_per_decade']:.3f} x "
+                      f"log10(synthetic tokens) over the {fit['points']} EntiGraph arms, R^2 = {fit['r2']:.2f} "
+                      f"({fit['slope_per_decade'] * 100:+.1f} points per 10x tokens)."]
+    if results.get("seconds"):
+        lines += ["", "## Time per stage (seconds, the attempt that finished)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:,.0f} |" for k, v in results["seconds"].items() if v is not None]
+        lines.append(f"| total | {sum(v for v in results['seconds'].values() if v):,.0f} |")
+    if results.get("spent"):
+        lines += ["", "## Spent (remote generator)", "", "```", json.dumps(results["spent"], indent=1, default=str), "```"]
     lines += ["", "## Synthesis", "", "```", json.dumps(results["synthesis"], indent=1, default=str), "```"]
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    scaling = sorted((r["niche_tokens"], r["eval"]["closed_book"]["loglik_acc"]) for k, r in rows.items()
-                     if k.startswith("entigraph") and r.get("eval", {}).get("closed_book"))
+    scaling = _scaling_points(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     if scaling:
         ax.plot([x for x, _ in scaling], [y for _, y in scaling], "o-", label="EntiGraph CPT")
@@ -304,21 +340,29 @@ def plan(cfg: EntiGraphConfig, docs: list[dict]) -> dict[str, Any]:
     dollars (prompt = the document plus instructions, completion = ``max_new_tokens``)."""
     s = cfg.synth
     pairs = s.max_pairs if s.max_pairs is not None else s.max_entities * (s.max_entities - 1) // 2
-    per_doc = {"extraction": 1 + s.retries, "relations": pairs + s.triplets,
-               "rephrase": len(s.styles) * s.rephrases_per_style if "rephrase" in cfg.cpt.arms else 0}
+    rephrasing = "rephrase" in cfg.cpt.arms
+    per_unit = {"extraction": 1 + s.retries, "relations": pairs + s.triplets,
+                "rephrase": len(s.styles) * s.rephrases_per_style if rephrasing else 0}
     pieces = [len(entigraph_synth.extraction_units(d, s)) for d in docs]
-    calls = {k: v * (sum(pieces) if k == "extraction" else len(docs)) for k, v in per_doc.items()}
+    rephrase_pieces = [len(entigraph_synth.rephrase_units(d, s)) for d in docs]
+    units = {"extraction": sum(pieces), "relations": len(docs), "rephrase": sum(rephrase_pieces)}
+    calls = {k: v * units[k] for k, v in per_unit.items()}
     out: dict[str, Any] = {"documents": len(docs), "max_calls": calls, "max_calls_total": sum(calls.values())}
     if cfg.generator.backend != "local":
         from selftaught.llm import worst_case_cost
 
         usd = 0.0
-        for d, n in zip(docs, pieces):
-            prompt = min(len(d["text"]), s.max_doc_chars) // 3 + 300
-            piece = min(len(d["text"]), s.extract_chunk_chars or s.max_doc_chars) // 3 + 300
-            usd += n * per_doc["extraction"] * worst_case_cost(cfg.generator.llm, piece, s.extract_sampling.max_new_tokens)
-            usd += per_doc["relations"] * worst_case_cost(cfg.generator.llm, prompt, s.relation_sampling.max_new_tokens)
-            usd += per_doc["rephrase"] * worst_case_cost(cfg.generator.llm, prompt, s.rephrase_sampling.max_new_tokens)
+        def tokens(chars: int | None, d: dict) -> int:  # about 3 characters a token, plus the instructions
+            return min(len(d["text"]), s.max_doc_chars, chars or s.max_doc_chars) // 3 + 300
+
+        llm = cfg.generator.llm
+        for d, n, r in zip(docs, pieces, rephrase_pieces):
+            usd += n * per_unit["extraction"] * worst_case_cost(llm, tokens(s.extract_chunk_chars, d),
+                                                                s.extract_sampling.max_new_tokens)
+            usd += per_unit["relations"] * worst_case_cost(llm, tokens(s.relation_context_chars, d),
+                                                           s.relation_sampling.max_new_tokens)
+            usd += r * per_unit["rephrase"] * worst_case_cost(llm, tokens(s.rephrase_chunk_chars, d),
+                                                              s.rephrase_sampling.max_new_tokens)
         out["worst_case_usd"] = usd
         out["cap_usd"] = cfg.caps.total_usd
     return out
@@ -328,8 +372,8 @@ def synthesis_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factor
     """Entities, relations and summaries (``entigraph.parquet``) and their megadocs; resumable
     per request under ``work/`` (a killed stage asks only what is missing)."""
     st = run.stage("synthesis", {"generator": cfg.generator.model_dump(exclude={"timeout_s", "concurrency"}),
-                                 "synth": cfg.synth.model_dump(exclude={"styles", "style_prompts",
-                                                                        "rephrases_per_style", "rephrase_sampling"})},
+                                 "synth": cfg.synth.model_dump(exclude={"styles", "style_prompts", "rephrases_per_style",
+                                                                        "rephrase_sampling", "rephrase_chunk_chars"})},
                    deps=[corpus])
     if st.up_to_date():
         return st
@@ -348,7 +392,8 @@ def rephrase_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factory
                                 "styles": cfg.synth.styles, "style_prompts": cfg.synth.style_prompts,
                                 "per_style": cfg.synth.rephrases_per_style,
                                 "sampling": cfg.synth.rephrase_sampling.model_dump(),
-                                "max_doc_chars": cfg.synth.max_doc_chars}, deps=[corpus])
+                                "max_doc_chars": cfg.synth.max_doc_chars,
+                                "chunk_chars": cfg.synth.rephrase_chunk_chars}, deps=[corpus])
     if st.up_to_date():
         return st
     st.begin(keep_partial=True)
@@ -376,7 +421,8 @@ def eval_stage(run: RunDir, cfg: EntiGraphConfig, name: str, model: Stage | str,
     st.begin(keep_partial=False)
     path = str(model_dir(model)) if isinstance(model, Stage) else model
     qs = questions(corpus)
-    res = entigraph_eval.evaluate(path, qs, documents(corpus), heldout_texts(data_dir), ecfg) if qs else \
+    res = entigraph_eval.evaluate(path, qs, documents(corpus),
+                                  heldout_texts(data_dir, ecfg.heldout_docs), ecfg) if qs else \
         {"closed_book": None, "note": "no questions for this corpus"}
     (st.path / "eval.json").write_text(json.dumps(res, indent=1, default=str))
     st.finish(**{k: v for k, v in res.items() if k != "heldout"})
@@ -427,6 +473,7 @@ def run(cfg: EntiGraphConfig | dict) -> dict[str, Any]:
                                "generator": cfg.generator.engine.model if cfg.generator.backend == "local"
                                else cfg.generator.llm.model, "budget_tokens": budget, "plan": the_plan,
                                "synthesis": st["synthesis"].outputs, "arms": {},
+                               "rephrase_stats": st["rephrase"].outputs if "rephrase" in st else None,
                                "spent": ledger.snapshot() if ledger else None}
     st["eval_base"] = eval_stage(run_dir, cfg, "base", cfg.cpt.base_model, st["corpus"], data_dir,
                                  "base" in cfg.rag_arms)
@@ -445,6 +492,9 @@ def run(cfg: EntiGraphConfig | dict) -> dict[str, Any]:
         results["arms"][name] = {"source": source, "fraction": f, "niche_tokens": niche, "budget_tokens": b,
                                  "trained_tokens": st[f"cpt_{name}"].outputs.get("tokens_seen"),
                                  "eval": st[f"eval_{name}"].outputs}
+    results["loglinear"] = loglinear_fit(_scaling_points(results["arms"]))
+    results["spent"] = ledger.snapshot() if ledger else None
+    results["seconds"] = {k: v.seconds for k, v in st.items()}
     report = write_report(run_dir, cfg, st, results)
     log.info("report: %s", report)
     return {"run_dir": str(run_dir.root), "report": str(report),

@@ -91,6 +91,7 @@ class EvalConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=8, ge=1)  # sequences per forward pass
     max_length: int | None = Field(default=None, ge=16)  # None: the model's positions
+    heldout_docs: int = Field(default=64, ge=0)  # held-out generic texts for forgetting (0: skip)
     heldout_max_tokens: int = Field(default=512, ge=2)  # per held-out text
     keep_predictions: bool = False
     rag: RagConfig = RagConfig()

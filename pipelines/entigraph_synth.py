@@ -85,6 +85,13 @@ class SynthConfig(Strict):
     # piece far better than a long one)
     extract_chunk_chars: int | None = Field(default=None, ge=100)
     max_entity_chars: int = Field(default=80, ge=2)  # longer "entities" are sentences, not names
+    # the relation prompt's context: the whole document (None, as the thesis does), or the passages
+    # that name the entities, at most this many characters (a small model on CPU pays for every
+    # prompt token, and reads a short passage better than a long document)
+    relation_context_chars: int | None = Field(default=None, ge=100)
+    # rephrase in pieces of at most this many characters (None: the whole document in one request);
+    # a rewrite has max_new_tokens, so a long document rewritten whole is summarised, not rephrased
+    rephrase_chunk_chars: int | None = Field(default=None, ge=100)
     max_summary_chars: int = Field(default=2_000, ge=10)  # bound in the decoding schema
     retries: int = Field(default=2, ge=0)  # extra attempts for a malformed extraction answer
     extract_sampling: SamplingConfig = Field(
@@ -670,9 +677,47 @@ def extraction_messages(doc: dict, cfg: SynthConfig) -> Messages:
                                                             text=cut_text(doc["text"], cfg.max_doc_chars))}]
 
 
+def _names(passage: str, entity: str) -> bool:
+    return re.search(r"(?<!\w)" + re.escape(entity.casefold()) + r"(?!\w)", passage.casefold()) is not None
+
+
+def relation_context(doc: dict, entities: Sequence[str], cfg: SynthConfig) -> str:
+    """What the relation prompt shows of the document: all of it (cut to ``max_doc_chars``), or
+    with ``relation_context_chars`` the passages that name the most of ``entities`` (ties: the
+    earlier passage), at most that many characters, in document order, gaps marked. Passages
+    are half the limit long, so the two entities of a pair named apart both get theirs; a pair
+    the text never names verbatim gets the document's opening."""
+    text = cut_text(doc["text"], cfg.max_doc_chars)
+    limit = cfg.relation_context_chars
+    if limit is None or len(text) <= limit:
+        return text
+    pieces = split_text(text, max(limit // 2, 50))
+    named = [sum(_names(p, e) for e in entities) for p in pieces]
+    order = sorted(range(len(pieces)), key=lambda i: (-named[i], i))
+    picked, used, covered = [], 0, set()
+    for i in order:
+        if named[i] == 0 and picked:
+            break
+        new = {e for e in entities if _names(pieces[i], e)}
+        if picked and not new - covered and len(covered) < len(entities):
+            continue  # names nothing a picked passage does not: leave room for one that does
+        if used + len(pieces[i]) > limit:
+            continue
+        picked.append(i)
+        used += len(pieces[i]) + 5
+        covered |= new
+    picked.sort()
+    out = []
+    for j, i in enumerate(picked):
+        if j and i != picked[j - 1] + 1:
+            out.append("[...]")
+        out.append(pieces[i])
+    return "\n\n".join(out)
+
+
 def relation_messages(doc: dict, entities: Sequence[str], cfg: SynthConfig) -> Messages:
     names = ", ".join(f'"{e}"' for e in entities)
-    user = RELATION_USER.format(title=_title(doc), text=cut_text(doc["text"], cfg.max_doc_chars),
+    user = RELATION_USER.format(title=_title(doc), text=relation_context(doc, entities, cfg),
                                 n="two" if len(entities) == 2 else "three" if len(entities) == 3 else len(entities),
                                 names=names)
     return [{"role": "system", "content": RELATION_SYSTEM}, {"role": "user", "content": user}]
@@ -685,6 +730,14 @@ def rephrase_messages(doc: dict, style: str, cfg: SynthConfig) -> Messages:
                          "(or add it to style_prompts)")
     text = cut_text(doc["text"], cfg.max_doc_chars)
     return [{"role": "user", "content": f"{prompts[style]}\n\nTitle: {_title(doc)}\n\n{text}"}]
+
+
+def rephrase_units(doc: dict, cfg: SynthConfig) -> list[dict]:
+    """What the Rephrase baseline rewrites of one document: the document (cut to
+    ``max_doc_chars``) whole, or its pieces of ``rephrase_chunk_chars``, in order."""
+    text = cut_text(doc["text"], cfg.max_doc_chars)
+    pieces = split_text(text, cfg.rephrase_chunk_chars) if cfg.rephrase_chunk_chars else [text]
+    return [{**doc, "text": p, "_piece": i} for i, p in enumerate(pieces)]
 
 
 # --------------------------------------------------------------------------- step 1: entities
@@ -953,12 +1006,13 @@ def megadocs(rows: Sequence[dict], sep: str = "\n\n") -> list[dict]:
 # --------------------------------------------------------------------------- step 4: Rephrase baseline
 def rephrase(docs: Sequence[dict], styles: Sequence[str], gen: Generator, cfg: SynthConfig,
              out_dir: str | Path | None = None, stats: dict[str, Any] | None = None) -> list[dict]:
-    """The Rephrase baseline: ``cfg.rephrases_per_style`` rewrites of every document in every
-    style, sampled with ``cfg.rephrase_sampling`` (temperature 1.0), rows of kind
+    """The Rephrase baseline: ``cfg.rephrases_per_style`` rewrites of every document (or of each of
+    its pieces, with ``rephrase_chunk_chars``) in every style, sampled with ``cfg.rephrase_sampling`` (temperature 1.0), rows of kind
     ``rephrase:<style>``."""
-    reqs = [Request(str(d["id"]), f"rephrase:{s}", [], rephrase_messages(d, s, cfg), cfg.rephrase_sampling,
-                    gen.model, draw=k)
-            for d in docs for s in styles for k in range(cfg.rephrases_per_style)]
+    n = cfg.rephrases_per_style
+    reqs = [Request(str(d["id"]), f"rephrase:{s}", [], rephrase_messages(u, s, cfg), cfg.rephrase_sampling,
+                    gen.model, draw=u["_piece"] * n + k)
+            for d in docs for u in rephrase_units(d, cfg) for s in styles for k in range(n)]
     got, st = run_requests(reqs, gen, out_dir, cfg.part_size)
     st = {k: v for k, v in st.items() if k != "errors"}
     rows = _keep(got, st)

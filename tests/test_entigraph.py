@@ -13,7 +13,7 @@ from pathlib import Path
 import litellm
 import pytest
 
-from pipelines.entigraph import EntiGraphConfig, arm_budget, run
+from pipelines.entigraph import EntiGraphConfig, arm_budget, loglinear_fit, plan, run
 from pipelines.entigraph_synth import EXTRACT_SYSTEM, RELATION_SYSTEM
 from selftaught.config import load_yaml
 
@@ -84,7 +84,12 @@ def test_entigraph_runs_end_to_end_and_resumes(ray_cluster, tmp_path, tiny_lm_di
         assert arm["eval"]["heldout_ppl"] > 1
     assert res["arms"]["entigraph"]["eval"]["open_book"]["n"] == res["questions"]
     assert "open_book" not in res["arms"]["raw"]["eval"] and "open_book" not in res["base"]
-    assert (root / "report.md").read_text().startswith("# EntiGraph") and (root / "entigraph.png").stat().st_size
+    report = (root / "report.md").read_text()
+    assert report.startswith("# EntiGraph") and (root / "entigraph.png").stat().st_size
+    # every stage's wall clock, in results and in the report's table
+    assert {"corpus", "synthesis", "corpora", "cpt_entigraph", "eval_raw"} <= set(res["seconds"])
+    assert all(v is not None and v >= 0 for v in res["seconds"].values()) and "| total |" in report
+    assert res["loglinear"] is None  # one fraction: no line to fit
     # a rerun: every stage up to date, nothing generated or trained again
     marks = {p: p.stat().st_mtime for p in root.glob("*/_STAGE.json")}
     run(cfg)
@@ -103,3 +108,37 @@ def test_budget_and_configs(tmp_path):
         EntiGraphConfig.model_validate({"cpt": {"arms": ["raw"]}})
     for name in ("tiny.yaml", "paper.yaml"):
         EntiGraphConfig.model_validate(load_yaml(Path("examples/entigraph") / name))
+
+
+def test_plan_counts_pieces_and_prices_the_shorter_prompts():
+    docs = [{"id": f"d{i}", "title": f"D{i}", "text": "A sentence about the coast and its ports. " * 100}
+            for i in range(3)]  # 4,200 characters each
+    llm = {"model": "openai/local-test", "mock_response": "x", "input_price_per_mtok": 1e6,
+           "output_price_per_mtok": 1e6}
+    base = {"generator": {"backend": "litellm", "llm": llm},
+            "synth": {"max_doc_chars": 4000, "max_pairs": 4, "triplets": 1, "retries": 0, "styles": ["easy", "hard"]}}
+    whole = plan(EntiGraphConfig.model_validate(base), docs)
+    assert whole["max_calls"] == {"extraction": 3, "relations": 15, "rephrase": 6}
+    pieces = {**base, "synth": {**base["synth"], "extract_chunk_chars": 1000, "rephrase_chunk_chars": 2000,
+                                "relation_context_chars": 1000}}
+    cut = plan(EntiGraphConfig.model_validate(pieces), docs)
+    # cut at sentence ends: 3,989 characters in 5 extraction pieces (4 x 965 + 125) and 3 rephrase
+    # pieces (2 x 1,973 + 41) per document
+    assert cut["max_calls"] == {"extraction": 15, "relations": 15, "rephrase": 18}
+    assert cut["worst_case_usd"] > whole["worst_case_usd"]  # more calls, each with instructions
+    # relation prompts of 1,000 characters instead of 4,000: the worst case falls
+    short = plan(EntiGraphConfig.model_validate({**base, "synth": {**base["synth"], "relation_context_chars": 1000}}),
+                 docs)
+    assert short["max_calls"] == whole["max_calls"] and 0 < short["worst_case_usd"] < whole["worst_case_usd"]
+
+
+def test_loglinear_fit_by_hand():
+    # 0.30, 0.40, 0.50 at 1e3, 1e4, 1e5 tokens: +0.1 per decade, intercept 0, a straight line
+    fit = loglinear_fit([(1e3, 0.30), (1e4, 0.40), (1e5, 0.50)])
+    assert fit["points"] == 3 and abs(fit["slope_per_decade"] - 0.1) < 1e-12 and abs(fit["intercept"]) < 1e-12
+    assert abs(fit["r2"] - 1.0) < 1e-12
+    # a bent one: 0.3, 0.5, 0.5: slope (0.5-0.3)/2 = 0.1, mean 13/30, residuals -1/30, +2/30, -1/30
+    bent = loglinear_fit([(1e3, 0.3), (1e4, 0.5), (1e5, 0.5)])
+    assert abs(bent["slope_per_decade"] - 0.1) < 1e-12
+    assert abs(bent["r2"] - (1 - (6 / 900) / (0.08 / 3))) < 1e-9  # 1 - SSres/SStot = 0.75
+    assert loglinear_fit([(1e3, 0.3)]) is None and loglinear_fit([(1e3, 0.3), (1e3, 0.4)]) is None

@@ -16,8 +16,8 @@ import pytest
 from pipelines.entigraph_synth import (EXTRACT_SYSTEM, RELATION_SYSTEM, RETRY_USER, GeneratorConfig, SynthConfig,
                                        clean_entities, entity_schema, estimate_cost, extract_entities,
                                        make_generator, megadocs, parse_entities, parse_json_object,
-                                       relation_requests, rephrase, select_pairs, select_triplets,
-                                       synthesize, synthesize_relations)
+                                       relation_context, relation_requests, rephrase, rephrase_units,
+                                       select_pairs, select_triplets, synthesize, synthesize_relations)
 from selftaught.config import EngineConfig, SamplingConfig
 from selftaught.ledger import BudgetCaps, BudgetExceeded, Ledger
 from selftaught.llm import LLMConfig
@@ -188,6 +188,46 @@ def test_extraction_in_pieces_merges_entities_and_summaries(monkeypatch):
     # interleaved over the pieces before the cap, so the second piece is not crowded out
     assert r["entities"] == ["Mara", "Tomas", "lighthouse", "oil", "Gull Rock"] and r["pieces"] == 2
     assert r["summary"] == "Mara keeps it. Tomas brings oil." and r["prompt_tokens"] == 20
+
+
+def test_relation_context_shows_the_passages_that_name_the_entities():
+    paras = [f"Paragraph {i} is about the harbour and its tides, the ferries and the fish market." for i in range(12)]
+    paras[2] += " Mara keeps the lighthouse."
+    paras[9] += " Tomas sails to Port Elin."
+    doc = {"id": "d", "title": "Coast", "text": "\n\n".join(paras)}
+    whole = _synth_cfg()
+    assert relation_context(doc, ["Mara", "Tomas"], whole) == doc["text"]  # default: the whole document
+    cfg = _synth_cfg(relation_context_chars=260)
+    ctx = relation_context(doc, ["Mara", "Tomas"], cfg)
+    # each entity's passage, in document order, the gap marked, within the limit
+    assert len(ctx) <= 260 and "Mara keeps" in ctx and "Tomas sails" in ctx
+    assert ctx.index("Mara") < ctx.index("[...]") < ctx.index("Tomas")
+    assert "Paragraph 5 " not in ctx
+    # whole words, any case: "mara" is named, "Maral" would not be
+    assert "Mara keeps" in relation_context(doc, ["mara", "Harbourmaster"], cfg)
+    # a pair the text never names: the document's opening, still within the limit
+    none = relation_context(doc, ["Zed", "Quill"], cfg)
+    assert none.startswith("Paragraph 0") and len(none) <= 260
+    # the prompt carries the context, not the document
+    (req,) = relation_requests(doc, [("Mara", "Tomas")], [], make_generator(_gen_cfg()), cfg)
+    assert "Tomas sails" in req.messages[1]["content"] and "Paragraph 5 " not in req.messages[1]["content"]
+
+
+def test_rephrase_in_pieces_asks_each_piece_in_each_style(monkeypatch):
+    text = "\n\n".join(f"Part {i}: the caravans crossed the dunes to reach the salt mines of Taoudenni." for i in range(6))
+    doc = {"id": "doc/r", "title": "Salt", "text": text}
+    cfg = _synth_cfg(rephrase_chunk_chars=170)
+    units = rephrase_units(doc, cfg)
+    assert len(units) == 3 and "".join(u["text"] for u in units).replace("\n", "") == text.replace("\n", "")
+    seen = _answering(monkeypatch)
+    stats: dict = {}
+    rows = rephrase([doc], ["easy", "hard"], make_generator(_gen_cfg()), cfg, None, stats)
+    assert len(seen) == 6 and len(rows) == 6 and len({r["id"] for r in rows}) == 6
+    assert sorted(r["kind"] for r in rows) == ["rephrase:easy"] * 3 + ["rephrase:hard"] * 3
+    asked = [kw["messages"][-1]["content"] for kw in seen]
+    assert all(sum(u["text"] in a for u in units) == 1 for a in asked)  # one piece per request
+    # without pieces: one request per style, as before
+    assert len(rephrase_units(doc, _synth_cfg())) == 1
 
 
 # ---------------------------------------------------------------- relations, megadocs, cache, ledger
