@@ -153,12 +153,12 @@ def cmd_serve_generate(args) -> int:
 
     from selftaught.config import RayConfig
     from selftaught.runtime import init_ray
-    from serve.config import ServeConfig
+    from serve.config import ServeConfig, start_serve
     from serve.generate_app import build_generate_app
 
     engine_cfg, _ = _engine_and_sampling(args)
     init_ray(RayConfig())
-    serve.start(http_options={"host": args.host, "port": args.port})
+    start_serve(args.host, args.port, args.proxy_location)
     serve.run(build_generate_app(engine_cfg, num_replicas=args.replicas,
                                  serve_cfg=ServeConfig(api_key_env=args.api_key_env)),
               name="generate", route_prefix="/generate")
@@ -444,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1)
+    s.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],
+                   help="where Serve runs HTTP proxies (default: Serve's, every node with a replica)")
     s.add_argument("--api-key-env", help="NAME of an environment variable holding the accepted API key(s)")
     s.set_defaults(fn=cmd_serve_generate)
 

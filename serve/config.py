@@ -7,6 +7,8 @@ from pydantic import Field, model_validator
 
 from selftaught.config import BudgetConfig, EngineConfig, RayConfig, Strict
 
+ProxyLocation = Literal["EveryNode", "HeadOnly"]  # where Serve runs its HTTP proxies
+
 
 class AutoscalingSettings(Strict):
     """Ray Serve autoscaling of the engine replicas (each replica holds one engine)."""
@@ -41,7 +43,7 @@ class ServeConfig(Strict):
     route_prefix: str = "/"
     # where Serve runs its HTTP proxies: None is Serve's default (every node with a replica);
     # "HeadOnly" when the nodes share one host and port (a local multi-node test cluster)
-    proxy_location: Literal["EveryNode", "HeadOnly"] | None = None
+    proxy_location: ProxyLocation | None = None
     app_name: str = "openai"
     num_replicas: int = Field(default=1, ge=1)  # ignored when autoscaling is set
     autoscaling: AutoscalingSettings | None = None
@@ -80,3 +82,14 @@ class ServeAppConfig(Strict):
 
     ray: RayConfig = Field(default_factory=RayConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def start_serve(host: str, port: int, proxy_location: ProxyLocation | None = None) -> None:
+    """Start Serve's HTTP proxies on ``host:port`` (Ray must be up); ``proxy_location`` None is
+    Serve's default (a proxy on every node with a replica), "HeadOnly" where the nodes share one
+    host and port (a local multi-node cluster)."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port},
+                **({"proxy_location": proxy_location} if proxy_location else {}))
+

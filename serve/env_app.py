@@ -31,6 +31,7 @@ from envs.base import Idea
 from selftaught.config import RayConfig, Strict
 from serve.auth import authorize, hash_key, keys_from_env
 from serve.common import install_error_handlers, read_capped
+from serve.config import ProxyLocation, start_serve
 from serve.openai_protocol import OpenAIError, validation_error
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class EnvServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8001, ge=1, le=65535)
     route_prefix: str = "/"
+    proxy_location: ProxyLocation | None = None  # as ServeConfig.proxy_location
     app_name: str = "env-value"
     max_batch_ideas: int = Field(default=64, ge=1)
     max_idea_chars: int = Field(default=20_000, ge=1)
@@ -249,7 +251,7 @@ def build_env_app(cfg: EnvServeConfig):
 
 def run_env_app(cfg: EnvServeConfig, blocking: bool = False):
     """Start Serve's proxy on ``cfg.host:cfg.port`` and deploy the app (Ray must be up)."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    start_serve(cfg.host, cfg.port, cfg.proxy_location)
     return serve.run(build_env_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)
 
 

@@ -31,7 +31,7 @@ from selftaught.config import BudgetConfig, SamplingConfig
 from serve import openai_protocol as proto
 from serve.auth import authorize, hash_key
 from serve.common import install_error_handlers, read_capped
-from serve.config import ServeConfig
+from serve.config import ServeConfig, start_serve
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +381,7 @@ def build_openai_app(cfg: ServeConfig):
 
 def run_openai_app(cfg: ServeConfig, blocking: bool = False):
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the app (Ray must be up)."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port},
-                **({"proxy_location": cfg.proxy_location} if cfg.proxy_location else {}))
+    start_serve(cfg.host, cfg.port, cfg.proxy_location)
     handle = serve.run(build_openai_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix,
                        blocking=blocking)
     return handle

@@ -20,7 +20,8 @@ def service(ray_cluster, tmp_path_factory):
     os.environ[KEYS_ENV] = "k1,k2"
     run_dir = tmp_path_factory.mktemp("envserve")
     cfg = EnvServeConfig(envs=[EnvEntry(name="toy", executor={"run_dir": str(run_dir)})], api_key_env=KEYS_ENV,
-                         port=free_port(), app_name="env-value-test", max_batch_ideas=4, max_idea_chars=500)
+                         port=free_port(), app_name="env-value-test", max_batch_ideas=4, max_idea_chars=500,
+                         proxy_location="HeadOnly")  # passed through to serve.start
     run_env_app(cfg)
     try:
         yield env_base_url(cfg)
