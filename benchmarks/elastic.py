@@ -112,8 +112,10 @@ class LocalAutoscalingCluster:
 
     def __init__(self, worker_types: dict, head_cpus: float = 1, head_resources: dict | None = None,
                  idle_timeout_minutes: float = 0.1, upscaling_speed: float = 1.0,
-                 head_object_store_mb: int = 150):
+                 head_object_store_mb: int = 150, max_workers: int | None = None,
+                 cluster_name: str = "selftaught-elastic"):
         self.worker_types = worker_types
+        self.max_workers, self.cluster_name = max_workers, cluster_name  # None: the types' bounds summed
         self.head_cpus, self.head_resources = head_cpus, dict(head_resources or {})
         self.idle_timeout_minutes, self.upscaling_speed = idle_timeout_minutes, upscaling_speed
         self.head_object_store_mb = head_object_store_mb
@@ -126,8 +128,9 @@ class LocalAutoscalingCluster:
         types["ray.head.default"] = {"resources": {"CPU": self.head_cpus, **self.head_resources},
                                      "node_config": {}, "max_workers": 0}
         return {
-            "cluster_name": "selftaught-elastic",
-            "max_workers": sum(int(t.get("max_workers", 0)) for t in self.worker_types.values()),
+            "cluster_name": self.cluster_name,
+            "max_workers": self.max_workers if self.max_workers is not None
+            else sum(int(t.get("max_workers", 0)) for t in self.worker_types.values()),
             "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                          "disable_launch_config_check": True, "gcs_address": gcs_address},
             "available_node_types": types, "head_node_type": "ray.head.default",

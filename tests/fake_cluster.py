@@ -29,27 +29,25 @@ def fake_config(launcher: dict[str, Any], idle_timeout_minutes: float | None = N
                 max_workers: dict[str, int] | None = None) -> dict[str, Any]:
     """``launcher`` (a cluster.yaml) for the fake provider: the same node types with the same
     declared resources and min/max workers (``max_workers`` overrides some per type), the same
-    global bounds and upscaling speed; the cloud parts (provider, node_config, commands) dropped."""
-    cfg = {k: copy.deepcopy(launcher[k]) for k in ("cluster_name", "max_workers", "upscaling_speed",
-                                                   "idle_timeout_minutes") if k in launcher}
-    if idle_timeout_minutes is not None:
-        cfg["idle_timeout_minutes"] = idle_timeout_minutes
+    global bounds and upscaling speed; the cloud parts (provider, node_config, commands) dropped.
+    The autoscaler config itself is :class:`benchmarks.elastic.LocalAutoscalingCluster`'s."""
+    from benchmarks.elastic import LocalAutoscalingCluster
+
     head = launcher["head_node_type"]
-    types = {}
+    workers = {}
     for name, t in launcher["available_node_types"].items():
         if name == head:
             continue
         # a small object store per node: the raylets share this machine's memory
-        types[name] = {"resources": {**t.get("resources", {}), "object_store_memory": 200 << 20}, "node_config": {},
-                       "min_workers": t.get("min_workers", 0),
-                       "max_workers": (max_workers or {}).get(name, t.get("max_workers", 0))}
-    types[FAKE_HEAD] = {"resources": dict(launcher["available_node_types"][head].get("resources", {})),
-                        "node_config": {}, "max_workers": 0}
-    cfg.update(available_node_types=types, head_node_type=FAKE_HEAD, auth={"ssh_user": "nobody"},
-               file_mounts={}, cluster_synced_files=[], file_mounts_sync_continuously=False,
-               initialization_commands=[], setup_commands=[], head_setup_commands=[],
-               worker_setup_commands=[], head_start_ray_commands=[], worker_start_ray_commands=[])
-    return cfg
+        workers[name] = {"resources": {**t.get("resources", {}), "object_store_memory": 200 << 20},
+                         "min_workers": t.get("min_workers", 0),
+                         "max_workers": (max_workers or {}).get(name, t.get("max_workers", 0))}
+    head_res = dict(launcher["available_node_types"][head].get("resources", {}))
+    idle = idle_timeout_minutes if idle_timeout_minutes is not None else launcher.get("idle_timeout_minutes", 5)
+    return LocalAutoscalingCluster(
+        workers, head_cpus=head_res.pop("CPU", 0), head_resources=head_res, idle_timeout_minutes=idle,
+        upscaling_speed=launcher.get("upscaling_speed", 1.0), max_workers=launcher.get("max_workers"),
+        cluster_name=launcher.get("cluster_name", "selftaught")).config(gcs_address="")
 
 
 class FakeCluster:
@@ -66,11 +64,10 @@ class FakeCluster:
 
         ip = ray._private.services.get_node_ip_address()
         self.address = f"{ip}:{self.port}"
-        # node ids stand in for IPs: every fake node has this machine's IP, and the autoscaler
-        # would otherwise see no load on any of them and remove busy nodes as idle
-        # (and no updaters or launch-config checks: there is nothing to ssh into or set up)
-        self.config["provider"] = {"type": "fake_multinode", "gcs_address": self.address, "use_node_id_as_ip": True,
-                                   "disable_node_updaters": True, "disable_launch_config_check": True}
+        # the provider block (LocalAutoscalingCluster.config) uses node ids as IPs, since every fake
+        # node has this machine's IP and the autoscaler would otherwise see no load on any of them
+        # and remove busy nodes as idle, and has no updaters: there is nothing to ssh into
+        self.config["provider"]["gcs_address"] = self.address
         path = self.tmp / "autoscaling.yaml"
         path.write_text(yaml.safe_dump(self.config))
         head = self.config["available_node_types"][FAKE_HEAD]["resources"]

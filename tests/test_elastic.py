@@ -60,6 +60,16 @@ def test_local_autoscaling_config_is_valid():
     assert cfg["idle_timeout_minutes"] == 0.1 and cfg["max_workers"] == 3
     assert cfg["available_node_types"]["pool"]["resources"]["pool"] == 1
     assert cfg["available_node_types"]["ray.head.default"]["max_workers"] == 0
+    # cluster.yaml's node types through the same builder (tests/test_cluster_up.py runs it)
+    import yaml
+
+    from tests.fake_cluster import fake_config
+
+    launcher = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+    fake = fake_config(launcher, idle_timeout_minutes=0.1, max_workers={"gpu_1x": 2})
+    validate_config(fake)
+    assert fake["max_workers"] == launcher["max_workers"] and fake["available_node_types"]["gpu_1x"]["max_workers"] == 2
+    assert fake["available_node_types"]["gpu_8x"]["resources"]["gpu_8x"] == 1
 
 
 def test_elastic_generation_pool_asks_for_whole_actors(ray_cluster, tiny_lm_dir):
