@@ -288,18 +288,23 @@ def write_report(run: RunDir, cfg: "EntiGraphConfig", st: dict[str, Stage], resu
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")
     scaling = _scaling_points(rows)
+    def se(acc: float) -> float:  # one standard error of an accuracy over n questions
+        return math.sqrt(max(acc * (1 - acc), 1e-9) / max(n, 1))
+
     fig, ax = plt.subplots(figsize=(6, 4))
     if scaling:
-        ax.plot([x for x, _ in scaling], [y for _, y in scaling], "o-", label="EntiGraph CPT")
+        ax.errorbar([x for x, _ in scaling], [y for _, y in scaling], yerr=[se(y) for _, y in scaling], fmt="o-",
+                    capsize=3, label="EntiGraph CPT (+-1 s.e.)")
         ax.set_xscale("log")
     for name, marker in (("raw", "s"), ("rephrase", "^"), ("megadocs", "D")):
         r = rows.get(name)
         if r and r.get("eval", {}).get("closed_book"):
-            ax.plot([r["niche_tokens"]], [r["eval"]["closed_book"]["loglik_acc"]], marker, label=f"{name} CPT")
+            acc = r["eval"]["closed_book"]["loglik_acc"]
+            ax.errorbar([r["niche_tokens"]], [acc], yerr=[se(acc)], fmt=marker, capsize=3, label=f"{name} CPT")
     if base.get("closed_book"):
         ax.axhline(base["closed_book"]["loglik_acc"], color="grey", ls="--", label="base model")
     ax.axhline(0.25, color="lightgrey", ls=":", label="chance")
-    ax.set_xlabel("synthetic (or repeated) niche tokens")
+    ax.set_xlabel("distinct tokens in the arm's corpus (every arm trains on the same total)")
     ax.set_ylabel("closed-book accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()

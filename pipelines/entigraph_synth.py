@@ -750,7 +750,8 @@ NOT_ENTITIES = frozenset({"people", "places", "place", "organisations", "organiz
 
 def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
     """Entity names as strings (``{"name": ...}`` items accepted), whitespace normalised, empty
-    and over-long ones dropped, the prompt's category words (:data:`NOT_ENTITIES`) dropped,
+    and over-long ones dropped, the prompt's category words (:data:`NOT_ENTITIES`) dropped, alone
+    or listed in one string,
     duplicates dropped case-insensitively (first spelling kept), at most ``max_entities``."""
     out: list[str] = []
     seen: set[str] = set()
@@ -765,6 +766,9 @@ def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
         key = e.casefold()
         if not e or len(e) > max_chars or key in seen or key in NOT_ENTITIES:
             continue
+        parts = [x.strip() for x in key.split(",")]
+        if len(parts) > 1 and any(x in NOT_ENTITIES or x.rstrip("s") in NOT_ENTITIES for x in parts):
+            continue  # the prompt's categories listed in one string ("people,places,objects")
         seen.add(key)
         out.append(e)
         if len(out) >= max_entities:

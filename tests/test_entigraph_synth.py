@@ -112,6 +112,9 @@ def test_json_repair_and_entity_cleaning():
                            "a very long sentence, not a name"], 10, 12) == ["Alice", "BOB", "Carol"]
     assert clean_entities(["people", "Tswana", "Places", "organisations", "Bechuanaland"], 10, 20) == \
         ["Tswana", "Bechuanaland"]  # the prompt's category words are not entities
+    # ... nor a list of them in one string (SmolLM2 wrote this one); a name with a comma stays
+    assert clean_entities(["people,places,organisations,objects,work", "Washington, D.C.", "Benin"], 10, 60) == \
+        ["Washington, D.C", "Benin"]  # (a trailing full stop is stripped from every name)
     parsed, _ = parse_entities('{"summary": "  two\\nlines ", "entities": ["a", "A", "b", "c", "d"]}', cfg)
     assert parsed == {"summary": "two lines", "entities": ["a", "b", "c"]}  # deduplicated, capped at 3
 
