@@ -304,7 +304,7 @@ def write_report(run: RunDir, cfg: "EntiGraphConfig", st: dict[str, Stage], resu
     if base.get("closed_book"):
         ax.axhline(base["closed_book"]["loglik_acc"], color="grey", ls="--", label="base model")
     ax.axhline(0.25, color="lightgrey", ls=":", label="chance")
-    ax.set_xlabel("distinct tokens in the arm's corpus (every arm trains on the same total)")
+    ax.set_xlabel("distinct tokens in the arm's corpus (EntiGraph shares: the same passes over less)")
     ax.set_ylabel("closed-book accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -373,12 +373,23 @@ def plan(cfg: EntiGraphConfig, docs: list[dict]) -> dict[str, Any]:
     return out
 
 
+# Options added after runs existed, left out of a stage's fingerprint while they keep the value
+# that means "as before": a changed fingerprint clears the stage's directory, and with it the
+# answers a resumed run would otherwise not pay for again.
+_LATER_OPTIONS = {"relation_context_chars": None, "chunk_chars": None, "heldout_docs": 64}
+
+
+def _fingerprint(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in _LATER_OPTIONS or v != _LATER_OPTIONS[k]}
+
+
 def synthesis_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factory) -> Stage:
     """Entities, relations and summaries (``entigraph.parquet``) and their megadocs; resumable
     per request under ``work/`` (a killed stage asks only what is missing)."""
     st = run.stage("synthesis", {"generator": cfg.generator.model_dump(exclude={"timeout_s", "concurrency"}),
-                                 "synth": cfg.synth.model_dump(exclude={"styles", "style_prompts", "rephrases_per_style",
-                                                                        "rephrase_sampling", "rephrase_chunk_chars"})},
+                                 "synth": _fingerprint(cfg.synth.model_dump(exclude={
+                                     "styles", "style_prompts", "rephrases_per_style", "rephrase_sampling",
+                                     "rephrase_chunk_chars"}))},
                    deps=[corpus])
     if st.up_to_date():
         return st
@@ -393,12 +404,12 @@ def synthesis_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factor
 
 
 def rephrase_stage(run: RunDir, cfg: EntiGraphConfig, corpus: Stage, gen_factory) -> Stage:
-    st = run.stage("rephrase", {"generator": cfg.generator.model_dump(exclude={"timeout_s", "concurrency"}),
-                                "styles": cfg.synth.styles, "style_prompts": cfg.synth.style_prompts,
-                                "per_style": cfg.synth.rephrases_per_style,
-                                "sampling": cfg.synth.rephrase_sampling.model_dump(),
-                                "max_doc_chars": cfg.synth.max_doc_chars,
-                                "chunk_chars": cfg.synth.rephrase_chunk_chars}, deps=[corpus])
+    st = run.stage("rephrase", _fingerprint({
+        "generator": cfg.generator.model_dump(exclude={"timeout_s", "concurrency"}),
+        "styles": cfg.synth.styles, "style_prompts": cfg.synth.style_prompts,
+        "per_style": cfg.synth.rephrases_per_style, "sampling": cfg.synth.rephrase_sampling.model_dump(),
+        "max_doc_chars": cfg.synth.max_doc_chars, "chunk_chars": cfg.synth.rephrase_chunk_chars}),
+        deps=[corpus])
     if st.up_to_date():
         return st
     st.begin(keep_partial=True)
@@ -419,7 +430,8 @@ def eval_stage(run: RunDir, cfg: EntiGraphConfig, name: str, model: Stage | str,
 
     ecfg = cfg.eval.model_copy(update={"rag": cfg.eval.rag.model_copy(update={"enabled": rag and cfg.eval.rag.enabled})})
     deps = [corpus] + ([model] if isinstance(model, Stage) else [])
-    st = run.stage(f"eval_{name}", {"eval": ecfg.model_dump(), "model": model if isinstance(model, str) else None},
+    st = run.stage(f"eval_{name}", {"eval": _fingerprint(ecfg.model_dump()),
+                                    "model": model if isinstance(model, str) else None},
                    deps=deps)
     if st.up_to_date():
         return st

@@ -685,13 +685,13 @@ def relation_context(doc: dict, entities: Sequence[str], cfg: SynthConfig) -> st
     """What the relation prompt shows of the document: all of it (cut to ``max_doc_chars``), or
     with ``relation_context_chars`` the passages that name the most of ``entities`` (ties: the
     earlier passage), at most that many characters, in document order, gaps marked. Passages
-    are half the limit long, so the two entities of a pair named apart both get theirs; a pair
+    are under half the limit long, so the two entities of a pair named apart both get theirs; a pair
     the text never names verbatim gets the document's opening."""
     text = cut_text(doc["text"], cfg.max_doc_chars)
     limit = cfg.relation_context_chars
     if limit is None or len(text) <= limit:
         return text
-    pieces = split_text(text, max(limit // 2, 50))
+    pieces = split_text(text, max((limit - len(_GAP)) // 2, 45))  # two passages and a gap fit
     named = [sum(_names(p, e) for e in entities) for p in pieces]
     order = sorted(range(len(pieces)), key=lambda i: (-named[i], i))
     picked, used, covered = [], 0, set()
@@ -701,18 +701,20 @@ def relation_context(doc: dict, entities: Sequence[str], cfg: SynthConfig) -> st
         new = {e for e in entities if _names(pieces[i], e)}
         if picked and not new - covered and len(covered) < len(entities):
             continue  # names nothing a picked passage does not: leave room for one that does
-        if used + len(pieces[i]) > limit:
+        cost = len(pieces[i]) + (len(_GAP) if picked else 0)  # at worst a gap before it
+        if used + cost > limit:
             continue
         picked.append(i)
-        used += len(pieces[i]) + 5
+        used += cost
         covered |= new
     picked.sort()
-    out = []
-    for j, i in enumerate(picked):
-        if j and i != picked[j - 1] + 1:
-            out.append("[...]")
-        out.append(pieces[i])
-    return "\n\n".join(out)
+    out = pieces[picked[0]]
+    for prev, i in zip(picked, picked[1:]):
+        out += ("\n\n" if i == prev + 1 else _GAP) + pieces[i]
+    return out
+
+
+_GAP = "\n\n[...]\n\n"  # between passages that are not adjacent in the document
 
 
 def relation_messages(doc: dict, entities: Sequence[str], cfg: SynthConfig) -> Messages:
@@ -748,10 +750,13 @@ NOT_ENTITIES = frozenset({"people", "places", "place", "organisations", "organiz
                           "json", "json object"})
 
 
+_CATEGORY_STEMS = frozenset(w.removesuffix("s") for w in NOT_ENTITIES)
+
+
 def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
     """Entity names as strings (``{"name": ...}`` items accepted), whitespace normalised, empty
     and over-long ones dropped, the prompt's category words (:data:`NOT_ENTITIES`) dropped, alone
-    or listed in one string,
+    or as a comma-separated list of nothing else,
     duplicates dropped case-insensitively (first spelling kept), at most ``max_entities``."""
     out: list[str] = []
     seen: set[str] = set()
@@ -766,9 +771,9 @@ def clean_entities(raw: Any, max_entities: int, max_chars: int) -> list[str]:
         key = e.casefold()
         if not e or len(e) > max_chars or key in seen or key in NOT_ENTITIES:
             continue
-        parts = [x.strip() for x in key.split(",")]
-        if len(parts) > 1 and any(x in NOT_ENTITIES or x.rstrip("s") in NOT_ENTITIES for x in parts):
-            continue  # the prompt's categories listed in one string ("people,places,objects")
+        parts = [x.strip().removeprefix("and ").removeprefix("or ").removesuffix("s") for x in key.split(",")]
+        if len(parts) > 1 and all(x in _CATEGORY_STEMS for x in parts):
+            continue  # the prompt's categories listed in one string ("people,places,objects,work")
         seen.add(key)
         out.append(e)
         if len(out) >= max_entities:
@@ -936,8 +941,12 @@ def relation_requests(doc: dict, pairs: Sequence[Sequence[str]], triplets: Seque
 
 
 def pair_tokens(doc: dict, cfg: SynthConfig) -> int:
-    """Estimated tokens of one pair request (prompt + its completion limit), for the budget."""
-    return math.ceil(_prompt_chars(relation_messages(doc, ["x", "y"], cfg)) / 4) + cfg.relation_sampling.max_new_tokens
+    """Estimated tokens of one pair request (prompt + its completion limit), for the budget: the
+    instructions plus the longest context a pair can get."""
+    text = cut_text(doc["text"], cfg.max_doc_chars)
+    longest = min(len(text), cfg.relation_context_chars or len(text))
+    instructions = _prompt_chars(relation_messages(doc, ["x", "y"], cfg)) - len(relation_context(doc, ["x", "y"], cfg))
+    return math.ceil((instructions + longest) / 4) + cfg.relation_sampling.max_new_tokens
 
 
 def summary_row(entity_row: dict) -> dict | None:

@@ -108,6 +108,14 @@ def test_budget_and_configs(tmp_path):
         EntiGraphConfig.model_validate({"cpt": {"arms": ["raw"]}})
     for name in ("tiny.yaml", "paper.yaml"):
         EntiGraphConfig.model_validate(load_yaml(Path("examples/entigraph") / name))
+    # options added later stay out of the stage fingerprints at their "as before" values, so an
+    # existing run directory is not cleared (and its answers paid for again) by an upgrade
+    from pipelines.entigraph import _fingerprint
+
+    synth = EntiGraphConfig().synth.model_dump()
+    assert "relation_context_chars" not in _fingerprint(synth) and "max_pairs" in _fingerprint(synth)
+    assert _fingerprint({**synth, "relation_context_chars": 900})["relation_context_chars"] == 900
+    assert "heldout_docs" not in _fingerprint(EntiGraphConfig().eval.model_dump())
 
 
 def test_plan_counts_pieces_and_prices_the_shorter_prompts():

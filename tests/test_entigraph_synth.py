@@ -112,9 +112,10 @@ def test_json_repair_and_entity_cleaning():
                            "a very long sentence, not a name"], 10, 12) == ["Alice", "BOB", "Carol"]
     assert clean_entities(["people", "Tswana", "Places", "organisations", "Bechuanaland"], 10, 20) == \
         ["Tswana", "Bechuanaland"]  # the prompt's category words are not entities
-    # ... nor a list of them in one string (SmolLM2 wrote this one); a name with a comma stays
-    assert clean_entities(["people,places,organisations,objects,work", "Washington, D.C.", "Benin"], 10, 60) == \
-        ["Washington, D.C", "Benin"]  # (a trailing full stop is stripped from every name)
+    # ... nor a list of nothing but them in one string (SmolLM2 wrote this one); names with commas stay
+    book = "Concepts, Techniques, and Models of Computer Programming"
+    assert clean_entities(["people,places,organisations,objects,work", "Washington, D.C.", book, "Benin"], 10, 60) \
+        == ["Washington, D.C", book, "Benin"]  # (a trailing full stop is stripped from every name)
     parsed, _ = parse_entities('{"summary": "  two\\nlines ", "entities": ["a", "A", "b", "c", "d"]}', cfg)
     assert parsed == {"summary": "two lines", "entities": ["a", "b", "c"]}  # deduplicated, capped at 3
 
@@ -211,6 +212,15 @@ def test_relation_context_shows_the_passages_that_name_the_entities():
     # a pair the text never names: the document's opening, still within the limit
     none = relation_context(doc, ["Zed", "Quill"], cfg)
     assert none.startswith("Paragraph 0") and len(none) <= 260
+    # never over the limit, gaps included, and two passages named far apart always fit
+    for limit in (100, 120, 150, 200, 260):
+        c = relation_context(doc, ["Mara", "Tomas"], _synth_cfg(relation_context_chars=limit))
+        assert len(c) <= limit and "Mara" in c and "Tomas" in c
+    # the pair budget prices the longest context a pair can get, not the opening an unnamed pair gets
+    from pipelines.entigraph_synth import pair_tokens
+
+    assert pair_tokens(doc, cfg) == pair_tokens({**doc, "text": doc["text"][:260]}, cfg) > \
+        pair_tokens({**doc, "text": doc["text"][:100]}, cfg)
     # the prompt carries the context, not the document
     (req,) = relation_requests(doc, [("Mara", "Tomas")], [], make_generator(_gen_cfg()), cfg)
     assert "Tomas sails" in req.messages[1]["content"] and "Paragraph 5 " not in req.messages[1]["content"]
