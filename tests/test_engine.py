@@ -133,12 +133,13 @@ def test_top_p_from_candidates_keeps_the_same_tokens_as_a_full_sort(monkeypatch)
     assert kept[1] == V and kept[4] == 7 and kept[2] <= 40 and kept[6] > 256  # p=1 untouched; top-k; wide
 
 
-def test_cpu_engines_share_kv_heads_and_match_transformers_sdpa(engine, tiny_lm_dir):
+def test_cpu_engines_share_kv_heads_and_match_transformers_sdpa(tiny_lm_dir):
     import torch
 
     from actors.engine.attention import NAME
     from selftaught.models import load_causal_lm
 
+    engine = create_engine(EngineConfig(backend="transformers", model=str(tiny_lm_dir), device="cpu"))
     cfg = engine.model.config
     assert cfg.num_key_value_heads < cfg.num_attention_heads  # the nano shape is grouped-query
     assert engine.gqa_sdpa and cfg._attn_implementation == NAME
