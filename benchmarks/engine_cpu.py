@@ -9,7 +9,7 @@ side in one process (the machine's load moves absolute figures; compare the rati
 Every variant runs the same requests (seeded sampling, so the tokens must match; the JSON says
 whether they did) and reports decode seconds per step and tokens per second.
 
-    python -m benchmarks.engine_cpu                     # SmolLM2-135M, 32 rows x ~450 prompt tokens
+    python -m benchmarks.engine_cpu                     # SmolLM2-135M, 32 rows x ~360 prompt tokens
     python -m benchmarks.engine_cpu --rows 16 --prompt-chars 800 --new-tokens 32
 
 Writes ``benchmarks/results/engine-cpu.json`` (``--out``).
@@ -66,7 +66,7 @@ def run_variant(engine, convs, sampling, gqa: bool, candidates: int | None) -> d
         keep(engine.step())
         steps += 1
     decode = time.perf_counter() - t1
-    tokens = len(convs) * sampling.max_new_tokens
+    tokens = len(convs) * steps  # one token per row per decode step (the first came with the prefill)
     return {"gqa_sdpa": gqa, "top_p_candidates": candidates, "prefill_s": round(prefill, 3),
             "decode_s": round(decode, 3), "steps": steps, "s_per_step": round(decode / max(steps, 1), 4),
             "decode_tok_s": round(tokens / decode, 1), "tokens": [out[i] for i in sorted(out)]}
