@@ -734,12 +734,18 @@ def rephrase_messages(doc: dict, style: str, cfg: SynthConfig) -> Messages:
     return [{"role": "user", "content": f"{prompts[style]}\n\nTitle: {_title(doc)}\n\n{text}"}]
 
 
+def document_units(doc: dict, max_doc_chars: int, chunk_chars: int | None) -> list[dict]:
+    """``doc`` cut to ``max_doc_chars``, whole or in consecutive pieces of ``chunk_chars``: copies
+    of the document (id, title) with their piece's ``text`` and its index in ``_piece``."""
+    text = cut_text(doc["text"], max_doc_chars)
+    pieces = split_text(text, chunk_chars) if chunk_chars else [text]
+    return [{**doc, "text": p, "_piece": i} for i, p in enumerate(pieces)]
+
+
 def rephrase_units(doc: dict, cfg: SynthConfig) -> list[dict]:
     """What the Rephrase baseline rewrites of one document: the document (cut to
     ``max_doc_chars``) whole, or its pieces of ``rephrase_chunk_chars``, in order."""
-    text = cut_text(doc["text"], cfg.max_doc_chars)
-    pieces = split_text(text, cfg.rephrase_chunk_chars) if cfg.rephrase_chunk_chars else [text]
-    return [{**doc, "text": p, "_piece": i} for i, p in enumerate(pieces)]
+    return document_units(doc, cfg.max_doc_chars, cfg.rephrase_chunk_chars)
 
 
 # --------------------------------------------------------------------------- step 1: entities
@@ -796,9 +802,7 @@ def parse_entities(text: str, cfg: SynthConfig) -> tuple[dict | None, bool]:
 def extraction_units(doc: dict, cfg: SynthConfig) -> list[dict]:
     """What one document's extraction reads: the document (cut to ``max_doc_chars``) whole, or
     in pieces of ``extract_chunk_chars``, each with the document's id and title."""
-    text = cut_text(doc["text"], cfg.max_doc_chars)
-    pieces = split_text(text, cfg.extract_chunk_chars) if cfg.extract_chunk_chars else [text]
-    return [{**doc, "text": p, "_piece": i} for i, p in enumerate(pieces)]
+    return document_units(doc, cfg.max_doc_chars, cfg.extract_chunk_chars)
 
 
 def _extract_request(unit: dict, gen: Generator, cfg: SynthConfig, attempt: int = 0,
@@ -945,7 +949,7 @@ def pair_tokens(doc: dict, cfg: SynthConfig) -> int:
     instructions plus the longest context a pair can get."""
     text = cut_text(doc["text"], cfg.max_doc_chars)
     longest = min(len(text), cfg.relation_context_chars or len(text))
-    instructions = _prompt_chars(relation_messages(doc, ["x", "y"], cfg)) - len(relation_context(doc, ["x", "y"], cfg))
+    instructions = _prompt_chars(relation_messages({**doc, "text": ""}, ["x", "y"], cfg))
     return math.ceil((instructions + longest) / 4) + cfg.relation_sampling.max_new_tokens
 
 
@@ -1020,8 +1024,8 @@ def megadocs(rows: Sequence[dict], sep: str = "\n\n") -> list[dict]:
 def rephrase(docs: Sequence[dict], styles: Sequence[str], gen: Generator, cfg: SynthConfig,
              out_dir: str | Path | None = None, stats: dict[str, Any] | None = None) -> list[dict]:
     """The Rephrase baseline: ``cfg.rephrases_per_style`` rewrites of every document (or of each of
-    its pieces, with ``rephrase_chunk_chars``) in every style, sampled with ``cfg.rephrase_sampling`` (temperature 1.0), rows of kind
-    ``rephrase:<style>``."""
+    its pieces, with ``rephrase_chunk_chars``) in every style, sampled with
+    ``cfg.rephrase_sampling`` (temperature 1.0), rows of kind ``rephrase:<style>``."""
     n = cfg.rephrases_per_style
     reqs = [Request(str(d["id"]), f"rephrase:{s}", [], rephrase_messages(u, s, cfg), cfg.rephrase_sampling,
                     gen.model, draw=u["_piece"] * n + k)
