@@ -32,6 +32,7 @@ from actors.engine.base import (PLAIN, Completion, DecodePolicy, EventSink, Gene
                                 IncrementalDetokenizer, Prompt, RequestError, RowState, StreamEvent,
                                 dispatch_events, eos_ids_of, first_stop, sample_seed,
                                 sample_usage)
+from actors.engine.attention import use_gqa_sdpa_on_cpu
 from actors.engine.budget import BudgetForcing, with_think_start
 from selftaught.config import EngineConfig, SamplingConfig
 
@@ -78,12 +79,8 @@ class TransformersEngine(GenerationEngine):
         if own:
             tokenizer, model = load_causal_lm(cfg.model, device=self.device, dtype=dtype)
         self.model = model.to(self.device).eval()
-        if own:  # a model handed in may be shared (a trainer's): its attention is left as it is
-            from actors.engine.attention import use_gqa_sdpa_on_cpu
-
-            self.gqa_sdpa = use_gqa_sdpa_on_cpu(self.model)
-        else:
-            self.gqa_sdpa = False
+        # a model handed in may be shared (a trainer's): its attention is left as it is
+        self.gqa_sdpa = own and use_gqa_sdpa_on_cpu(self.model)
         self.tokenizer = tokenizer
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -591,14 +588,16 @@ class TransformersEngine(GenerationEngine):
         sel = torch.tensor(nucleus, device=scaled.device)
         sub = scaled[sel]
         p_t = torch.tensor([ps[j] for j in nucleus], device=scaled.device, dtype=sub.dtype).view(-1, 1)
-        K = min(V, cls.TOP_P_CANDIDATES)
-        vals, idx = torch.topk(sub, K, dim=-1) if K < V else torch.sort(sub, dim=-1, descending=True)
-        probs = (vals - torch.logsumexp(sub, dim=-1, keepdim=True)).exp()
-        cum = probs.cumsum(-1)
-        if K < V and not bool((cum[:, -1:] >= p_t).all()):  # a nucleus wider than the candidates
-            vals, idx = torch.sort(sub, dim=-1, descending=True)
-            probs = (vals - torch.logsumexp(sub, dim=-1, keepdim=True)).exp()
-            cum = probs.cumsum(-1)
+        lse = torch.logsumexp(sub, dim=-1, keepdim=True)
+
+        def ranked(k: int):  # the best k of each row, their probabilities and running mass
+            vals, idx = torch.topk(sub, k, dim=-1) if k < V else torch.sort(sub, dim=-1, descending=True)
+            probs = (vals - lse).exp()
+            return vals, idx, probs, probs.cumsum(-1)
+
+        vals, idx, probs, cum = ranked(min(V, cls.TOP_P_CANDIDATES))
+        if vals.shape[-1] < V and not bool((cum[:, -1:] >= p_t).all()):  # a nucleus wider than the candidates
+            vals, idx, probs, cum = ranked(V)
         vals = vals.masked_fill((cum - probs) >= p_t, float("-inf"))  # keep the token crossing p
         out = scaled.clone()
         out[sel] = torch.full_like(sub, float("-inf")).scatter(1, idx, vals)
