@@ -288,6 +288,7 @@ def write_report(run: RunDir, cfg: "EntiGraphConfig", st: dict[str, Stage], resu
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")
     scaling = _scaling_points(rows)
+
     def se(acc: float) -> float:  # one standard error of an accuracy over n questions
         return math.sqrt(max(acc * (1 - acc), 1e-9) / max(n, 1))
 
@@ -357,6 +358,7 @@ def plan(cfg: EntiGraphConfig, docs: list[dict]) -> dict[str, Any]:
         from selftaught.llm import worst_case_cost
 
         usd = 0.0
+
         def tokens(chars: int | None, d: dict) -> int:  # about 3 characters a token, plus the instructions
             return min(len(d["text"]), s.max_doc_chars, chars or s.max_doc_chars) // 3 + 300
 
@@ -510,7 +512,6 @@ def run(cfg: EntiGraphConfig | dict) -> dict[str, Any]:
                                  "trained_tokens": st[f"cpt_{name}"].outputs.get("tokens_seen"),
                                  "eval": st[f"eval_{name}"].outputs}
     results["loglinear"] = loglinear_fit(_scaling_points(results["arms"]))
-    results["spent"] = ledger.snapshot() if ledger else None
     results["seconds"] = {k: v.seconds for k, v in st.items()}
     report = write_report(run_dir, cfg, st, results)
     log.info("report: %s", report)

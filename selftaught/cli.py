@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1)
-    s.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],
+    s.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],  # serve.config.ProxyLocation
                    help="where Serve runs HTTP proxies (default: Serve's, every node with a replica)")
     s.add_argument("--api-key-env", help="NAME of an environment variable holding the accepted API key(s)")
     s.set_defaults(fn=cmd_serve_generate)

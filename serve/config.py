@@ -92,4 +92,3 @@ def start_serve(host: str, port: int, proxy_location: ProxyLocation | None = Non
 
     serve.start(http_options={"host": host, "port": port},
                 **({"proxy_location": proxy_location} if proxy_location else {}))
-
