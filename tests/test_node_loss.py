@@ -114,12 +114,15 @@ start = time.monotonic()
 th.start()
 parts = run.root / "synthesis" / "parts"
 GEN = "MapWorker(MapBatches(GenerateBatch))"
-seen, victim, killed, info = None, None, None, {}
+seen, victim, killed, info = set(), None, None, {}
 while th.is_alive() and time.monotonic() - start < 240:
-    if seen is None and (parts / "part-00000.parquet").exists():
-        seen = {a["ActorID"] for a in actors(GEN)}  # part 0's pool; part 1 gets a new one
-    fresh = [a for a in actors(GEN, "ALIVE") if seen is not None and a["ActorID"] not in seen]
-    if fresh:  # part 1's engine actor is up and taking batches: kill its node
+    listed = actors(GEN)  # listed before the file check: on a busy machine a listing takes seconds
+    if not (parts / "part-00000.parquet").exists():
+        seen |= {a["ActorID"] for a in listed}  # part 0 was still running when they were listed
+        time.sleep(0.1)
+        continue
+    fresh = [a for a in listed if a["State"] == "ALIVE" and a["ActorID"] not in seen]
+    if fresh:  # part 1's engine actor (its pool is new) is up and taking batches: kill its node
         time.sleep(ARGS["kill_after_s"])
         victim = fresh[0]
         info["parts_at_kill"] = sorted(p.name for p in parts.glob("part-*.parquet"))
@@ -135,6 +138,7 @@ while killed is not None and th.is_alive():  # the victim actor's life after the
 th.join(300)
 done = time.monotonic()
 res = {"error": box.get("error"), "killed": killed is not None, **info, "actor_states_after_kill": states,
+       "part0_actors": len(seen),
        "kill_after_start_s": round(killed - start, 1) if killed else None,
        "stage_done_after_kill_s": round(done - killed, 1) if killed else None}
 if victim is not None:
@@ -168,8 +172,9 @@ def test_synthesis_survives_the_loss_of_its_engine_node(tmp_path, tiny_lm_dir):
                            "num_docs": n, "part_size": part, "max_new_tokens": 64, "kill_after_s": 0.3}, tmp_path)
     lost = n - res.get("unique_ids", 0)
     res["lost"], res["duplicated"] = lost, res.get("rows", 0) - res.get("unique_ids", 0)
-    _print("SBP synthesis", res, ["lost", "duplicated", "rows", "parts_at_kill", "actor_states_after_kill",
-                                  "stage_done_after_kill_s", "restarts", "cluster_start_s"])
+    _print("SBP synthesis", res, ["lost", "duplicated", "rows", "parts_at_kill", "part0_actors",
+                                  "actor_states_after_kill", "stage_done_after_kill_s", "restarts",
+                                  "cluster_start_s"])
     assert res["error"] is None and res["killed"]
     assert res["parts_at_kill"] == ["part-00000.parquet"]  # killed mid-synthesis, part 1 in flight
     assert res["restarts"] >= 1 and res["restarted_on"] != res["victim_node"]
