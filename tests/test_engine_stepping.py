@@ -221,3 +221,22 @@ def test_json_schema_output_parses_for_100_sampled_requests(engine):
     assert {c.text for c in choice[0].completions} <= {"red", "green"}
     with pytest.raises(RequestError, match="response_format"):
         engine.add_request("bad-regex", "x", SamplingConfig(response_format=StructuredOutput(type="regex", regex="(")))
+
+
+
+def test_bans_that_empty_a_row_are_lifted_for_that_row_only(engine):
+    """Bans are applied to the whole batch at once; a row whose bans leave it nothing to pick
+    gets them lifted (it takes its best banned token) while the rows beside it keep theirs."""
+    import torch
+
+    from actors.engine.base import DecodePolicy
+    from actors.engine.hf import _Row
+
+    rows = [_Row(params=SamplingConfig(temperature=0), prompt_len=1, policy=DecodePolicy()) for _ in range(3)]
+    vocab = 16
+    logits = torch.arange(vocab, dtype=torch.float32).repeat(3, 1)  # every row's best is the last token
+    logits[1] = float("-inf")
+    logits[1, 3], logits[1, 5] = 1.0, 2.0  # the model itself allows only 3 and 5 in row 1
+    rows[0].banned, rows[1].banned = {15, 14}, {3, 5}
+    assert engine._choose(logits, rows, []) == [13, 5, 15]
+    assert not rows[0].banned and not rows[1].banned  # bans last one step

@@ -497,28 +497,38 @@ class TransformersEngine(GenerationEngine):
         lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None  # raw model distribution
         if lp is not None and any(rows[j].policy.max_retract for j in want_lp):
             lp = lp.clone()  # rows of it are kept and replaced
-        before_bans: dict[int, torch.Tensor] = {}
-        for j, r in enumerate(rows):
-            if r.banned:
-                before_bans[j] = logits[j].clone()
-                logits[j, list(r.banned)] = float("-inf")
-                r.banned.clear()
+        # all rows' bans in one scatter, keeping only the banned values (not whole rows) for the
+        # fallback below: per-row indexing and copies cost a round trip per row and step on GPUs
+        # and whole-vocabulary copies on CPUs
+        bans = {j: sorted(r.banned) for j, r in enumerate(rows) if r.banned}
+        if bans:
+            pos = torch.tensor([j for j, c in bans.items() for _ in c], device=logits.device)
+            cols = torch.tensor([t for c in bans.values() for t in c], device=logits.device)
+            before_bans = logits[pos, cols]
+            logits[pos, cols] = float("-inf")
+            for j in bans:
+                rows[j].banned.clear()
         constrained = [r.constraint if (r.constraint is not None and not r.done and not r.forced
                                         and r.policy.answer_started(r)) else None for r in rows]
         if any(c is not None for c in constrained):
             from actors.engine.structured import apply_constraints
 
             apply_constraints(logits, constrained)
-        for j, raw in before_bans.items():  # bans are preferences: never leave a row nothing to pick
-            if not bool(torch.isfinite(logits[j]).any()):
-                logits[j] = raw
-                if constrained[j] is not None:
-                    from actors.engine.structured import apply_constraints
+        choice = logits.argmax(-1)
+        if bans:  # bans are preferences: never leave a row nothing to pick (its best logit is -inf)
+            best = logits.gather(1, choice.unsqueeze(1)).squeeze(1).tolist()
+            start = 0
+            for j, c in bans.items():
+                if best[j] == float("-inf"):  # the bans took its last choice: lift them, keep the grammar
+                    logits[j, c] = before_bans[start:start + len(c)]
+                    if constrained[j] is not None:
+                        from actors.engine.structured import apply_constraints
 
-                    apply_constraints(logits[j:j + 1], [constrained[j]])
+                        apply_constraints(logits[j:j + 1], [constrained[j]])
+                    choice[j] = logits[j].argmax()
+                start += len(c)
         temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
         greedy = temps <= 0
-        choice = logits.argmax(-1)
         if not bool(greedy.all()):
             scaled = logits / temps.clamp(min=1e-5).unsqueeze(1)
             scaled = self._top_k_top_p(scaled, rows)
