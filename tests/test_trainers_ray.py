@@ -40,10 +40,14 @@ def test_pretrain_ddp_and_zero2_agree(ray_cluster, tmp_path, tiny_lm_dir, docs):
     assert (tmp_path / "zero2" / "model" / "config.json").exists()
 
 
-def test_continued_pretraining_with_replay(ray_cluster, tmp_path, tiny_lm_dir, docs):
+def test_continued_pretraining_with_replay(ray_cluster, tmp_path, tiny_lm_dir, docs, caplog):
+    import logging
+
     sources = [TokenSource("target", docs[20:60], weight=0.9), TokenSource("generic", docs[60:], weight=0.1)]
     cfg = TrainConfig(token_budget=2 * 4 * 64 * 20, **CFG)
-    s = fit(cfg, tiny_lm_dir, sources, docs[:20], tmp_path / "cpt", tmp_path / "ray")
+    with caplog.at_level(logging.INFO, logger="trainers.ray_train"):
+        s = fit(cfg, tiny_lm_dir, sources, docs[:20], tmp_path / "cpt", tmp_path / "ray")
+    assert "CPU training on 2 of the cluster's 4 CPUs" in caplog.text  # 2 workers x 1 CPU: said, not silent
     seen = s["sources"]
     assert seen["target"]["tokens"] + seen["generic"]["tokens"] == cfg.token_budget
     assert seen["generic"]["tokens"] < seen["target"]["tokens"]
