@@ -116,7 +116,7 @@ parts = run.root / "synthesis" / "parts"
 GEN = "MapWorker(MapBatches(GenerateBatch))"
 seen, victim, killed, info = set(), None, None, {}
 while th.is_alive() and time.monotonic() - start < 240:
-    listed = actors(GEN)  # listed before the file check: on a busy machine a listing takes seconds
+    listed = actors(GEN)  # before the file check: a late poll must not file part 1's actor under part 0
     if not (parts / "part-00000.parquet").exists():
         seen |= {a["ActorID"] for a in listed}  # part 0 was still running when they were listed
         time.sleep(0.1)
