@@ -223,7 +223,6 @@ def test_json_schema_output_parses_for_100_sampled_requests(engine):
         engine.add_request("bad-regex", "x", SamplingConfig(response_format=StructuredOutput(type="regex", regex="(")))
 
 
-
 def test_bans_that_empty_a_row_are_lifted_for_that_row_only(engine):
     """Bans are applied to the whole batch at once; a row whose bans leave it nothing to pick
     gets them lifted (it takes its best banned token) while the rows beside it keep theirs."""

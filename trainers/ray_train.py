@@ -97,14 +97,14 @@ def fit(cfg: TrainConfig, init_dir: str | Path, train: Sequence, eval_docs, out_
     from trainers.loop import as_sources
 
     if not cfg.use_gpu:  # never ask for more CPUs than the cluster has: it would wait forever
-        per = min(cfg.cpus_per_worker, max(cluster_cpus() / cfg.num_workers, 0.5))
+        cpus = cluster_cpus()
+        per = min(cfg.cpus_per_worker, max(cpus / cfg.num_workers, 0.5))
         if per != cfg.cpus_per_worker:
             log.info("cpus_per_worker %.2f -> %.2f to fit the cluster", cfg.cpus_per_worker, per)
             cfg = cfg.model_copy(update={"cpus_per_worker": per})
-        elif per * cfg.num_workers < cluster_cpus():  # each worker runs as many torch threads as CPUs
+        elif per * cfg.num_workers < cpus:  # each worker runs as many torch threads as CPUs
             log.info("CPU training on %g of the cluster's %g CPUs (%d workers x cpus_per_worker %g): "
-                     "raise cpus_per_worker to use the rest", per * cfg.num_workers, cluster_cpus(),
-                     cfg.num_workers, per)
+                     "raise cpus_per_worker to use the rest", per * cfg.num_workers, cpus, cfg.num_workers, per)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = as_sources(list(train))
